@@ -1,0 +1,114 @@
+"""The review mechanism of "Distilling Knowledge via Knowledge Review" (Chen et al., CVPR 2021).
+
+Student features are fused from deep to shallow by attention based fusion (ABF) blocks; each fused
+output is compared with the teacher feature of its level by the hierarchical context loss (HCL).
+Parameter names follow the released code (``abfs.0`` is the deepest entry) so its checkpoints load.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _size(x: torch.Tensor) -> tuple[int, int]:
+    return int(x.shape[-2]), int(x.shape[-1])
+
+
+class ABF(nn.Module):
+    """Attention based fusion of one student entry with the residual coming from the deeper entry."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(mid_channels),
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        # Two 1-channel attention maps: one weighs this entry, the other the deeper residual.
+        self.att_conv = (
+            nn.Sequential(nn.Conv2d(2 * mid_channels, 2, kernel_size=1), nn.Sigmoid()) if fuse else None
+        )
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(self, x, residual=None, out_size: tuple[int, int] | None = None):
+        x = self.conv1(x)
+        if self.att_conv is not None:
+            residual = F.interpolate(residual, size=_size(x), mode="nearest")
+            z = self.att_conv(torch.cat([x, residual], dim=1))
+            x = x * z[:, 0:1] + residual * z[:, 1:2]
+        if out_size is not None and _size(x) != tuple(out_size):
+            x = F.interpolate(x, size=tuple(out_size), mode="nearest")
+        return self.conv2(x), x
+
+
+class ReviewFusion(nn.Module):
+    """The deep-to-shallow ABF chain.
+
+    ``student_channels`` / ``teacher_channels`` / ``teacher_sizes`` are given shallow -> deep (the last
+    entry is the pooled 1x1 feature). ``forward`` takes student features in the same order and
+    returns fused features shallow -> deep, each shaped like the teacher entry of its level.
+    """
+
+    def __init__(
+        self,
+        student_channels: Sequence[int],
+        teacher_channels: Sequence[int],
+        teacher_sizes: Sequence[tuple[int, int]],
+        mid_channels: int | None = None,
+    ):
+        super().__init__()
+        n = len(student_channels)
+        if not (n == len(teacher_channels) == len(teacher_sizes)) or n < 1:
+            raise ValueError(
+                f"student has {len(student_channels)} entries, teacher {len(teacher_channels)}: they must match"
+            )
+        self.mid_channels = int(mid_channels or min(512, student_channels[-1]))
+        self.teacher_sizes = [tuple(int(v) for v in s) for s in teacher_sizes]
+        # abfs.0 is the deepest entry and is the only one without fusion (nothing deeper to fuse).
+        self.abfs = nn.ModuleList(
+            ABF(student_channels[i], self.mid_channels, teacher_channels[i], fuse=i < n - 1)
+            for i in reversed(range(n))
+        )
+
+    def forward(self, student_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(student_features) != len(self.abfs):
+            raise ValueError(f"expected {len(self.abfs)} student features, got {len(student_features)}")
+        deep_first = list(reversed(student_features))
+        sizes = list(reversed(self.teacher_sizes))
+        outputs, residual = [], None
+        for abf, feature, size in zip(self.abfs, deep_first, sizes):
+            out, residual = abf(feature, residual, size)
+            outputs.append(out)
+        return outputs[::-1]
+
+
+HCL_LEVELS = (4, 2, 1)
+
+
+def hcl_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Hierarchical context loss, summed over entries.
+
+    Per pair of height h: MSE at full resolution with weight 1, plus MSE after adaptive average
+    pooling to LxL for L in 4, 2, 1 (only where L < h) with weights 1/2, 1/4, 1/8 (halving per level
+    used), normalised by the sum of the weights used.
+    """
+    total = 0.0
+    for s, t in zip(student, teacher, strict=True):
+        h = s.shape[-2]
+        loss = F.mse_loss(s, t)
+        weight, weight_sum = 1.0, 1.0
+        for level in HCL_LEVELS:
+            if level >= h:
+                continue
+            weight /= 2.0
+            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, level), F.adaptive_avg_pool2d(t, level))
+            weight_sum += weight
+        total = total + loss / weight_sum
+    return total
