@@ -32,6 +32,9 @@ class Tap:
 class Stage:
     post: Tap
     pre: Tap
+    # The BatchNorm whose statistics describe the pre-activation (the last BN before the stage's
+    # final ReLU); methods that derive margins from BN statistics (OFD) read it. None if unknown.
+    bn: str | None = None
 
 
 @dataclass(frozen=True)
