@@ -111,6 +111,10 @@ def test_feature_taps(name):
         assert out.shape == (2, 100)
         assert [tuple(f.shape) for f in feats[kind]] == expected
     assert torch.equal(feats["post"][-1], feats["pre"][-1])
+    modules = dict(model.named_modules())
+    for stage, (channels, _) in zip(model.feature_spec.stages, stages):
+        if stage.bn is not None:  # the BatchNorm ending the stage: its output feeds the pre-activation
+            assert isinstance(modules[stage.bn], nn.BatchNorm2d) and modules[stage.bn].num_features == channels
     if name in POST_IS_RELU_OF_PRE:
         for post, pre in zip(feats["post"][:-1], feats["pre"][:-1]):
             assert torch.equal(post, torch.relu(pre))

@@ -69,13 +69,17 @@ def init_weights(model: nn.Module, linear: LinearInit = "default") -> None:
             nn.init.zeros_(m.bias)
 
 
-def residual_stages(model: nn.Module, layers: Sequence[str], pooled: str = "avgpool") -> FeatureSpec:
+def residual_stages(
+    model: nn.Module, layers: Sequence[str], pooled: str = "avgpool", last_bn: str | None = None
+) -> FeatureSpec:
     """Spec for nets whose stages are ``nn.Sequential``s of blocks ending in a ``relu_out`` module.
 
-    post = the stage output; pre = the input of the last block's ``relu_out`` (its pre-activation).
+    post = the stage output; pre = the input of the last block's ``relu_out`` (its pre-activation);
+    ``last_bn``, if given, names the last block's BatchNorm that ends its residual branch.
     """
     stages = []
     for name in layers:
         last = len(getattr(model, name)) - 1
-        stages.append(Stage(post=Tap(name), pre=Tap(f"{name}.{last}.relu_out", "input")))
+        bn = f"{name}.{last}.{last_bn}" if last_bn else None
+        stages.append(Stage(post=Tap(name), pre=Tap(f"{name}.{last}.relu_out", "input"), bn=bn))
     return FeatureSpec(tuple(stages), Tap(pooled))

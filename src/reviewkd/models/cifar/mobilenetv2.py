@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reviewkd.features import FeatureSpec
+from reviewkd.features import FeatureSpec, Stage, Tap
 
 from ..registry import register_model
 from .common import conv1x1, conv3x3, conv_bn_relu, init_weights
@@ -65,7 +65,12 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
         init_weights(self, linear="small_normal")
-        self.feature_spec = FeatureSpec.from_names(post=[f"blocks.{g}" for g in _STAGE_GROUPS], pooled="avgpool")
+        # blocks end with BN (no activation): pre = post; bn = the last block's final BatchNorm
+        last_bn = {g: f"blocks.{g}.{len(self.blocks[g]) - 1}.conv.7" for g in _STAGE_GROUPS}
+        self.feature_spec = FeatureSpec(
+            tuple(Stage(post=Tap(f"blocks.{g}"), pre=Tap(f"blocks.{g}"), bn=last_bn[g]) for g in _STAGE_GROUPS),
+            pooled=Tap("avgpool"),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -20,6 +20,7 @@ class ResidualBlock(nn.Module):
     """``relu_out(branch(x) + shortcut(x))``; the input of ``relu_out`` is the block's pre-activation."""
 
     expansion = 1
+    last_bn = "bn2"  # the BatchNorm ending the residual branch
 
     def _add_shortcut(self, in_ch: int, stride: int, name: str) -> None:
         self._shortcut_name = name
@@ -56,6 +57,7 @@ class Bottleneck(ResidualBlock):
     """1x1 reduce, 3x3 (strided), 1x1 expand by 4."""
 
     expansion = 4
+    last_bn = "bn3"
 
     def __init__(self, in_ch: int, planes: int, stride: int = 1, shortcut_name: str = "downsample"):
         super().__init__()
@@ -108,7 +110,7 @@ class ResNet(nn.Module):
         self._head_name = head_name
         self.add_module(head_name, nn.Linear(in_ch, num_classes))
         init_weights(self)
-        self.feature_spec = residual_stages(self, self._stage_names)
+        self.feature_spec = residual_stages(self, self._stage_names, last_bn=block.last_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -11,7 +11,9 @@ _PLANES = (64, 128, 256, 512)
 
 
 def _resnet(block, depths, num_classes, **kw) -> ResNet:
-    return ResNet(block, 64, _PLANES, depths, num_classes=num_classes, shortcut_name="shortcut", head_name="linear", **kw)
+    return ResNet(
+        block, 64, _PLANES, depths, num_classes=num_classes, shortcut_name="shortcut", head_name="linear", **kw
+    )
 
 
 @register_model("ResNet18")

@@ -72,7 +72,9 @@ class BasicUnit(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    def __init__(self, stage_channels=(116, 232, 464), stage_blocks=(3, 7, 3), last_channels: int = 1024, num_classes: int = 100):
+    def __init__(
+        self, stage_channels=(116, 232, 464), stage_blocks=(3, 7, 3), last_channels: int = 1024, num_classes: int = 100
+    ):
         super().__init__()
         stem = 24
         self.conv1 = conv1x1(3, stem)

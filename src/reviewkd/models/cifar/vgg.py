@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from reviewkd.features import FeatureSpec
+from reviewkd.features import FeatureSpec, Stage, Tap
 
 from ..registry import register_model
 from .common import conv3x3, init_weights
@@ -42,8 +42,11 @@ class VGG(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_ch, num_classes)
         init_weights(self, linear="small_normal")
-        self.feature_spec = FeatureSpec.from_names(
-            post=[f"relu{i}" for i in range(1, 5)], pre=[f"block{i}" for i in range(1, 5)], pooled="avgpool"
+        # stage i: pre = the output of block i (it ends with a BatchNorm), post = relu{i} of it
+        last_bn = {i: f"block{i}.{len(getattr(self, f'block{i}')) - 1}" for i in range(1, 5)}
+        self.feature_spec = FeatureSpec(
+            tuple(Stage(post=Tap(f"relu{i}"), pre=Tap(f"block{i}"), bn=last_bn[i]) for i in range(1, 5)),
+            pooled=Tap("avgpool"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

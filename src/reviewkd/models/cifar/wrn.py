@@ -64,10 +64,9 @@ class WideResNet(nn.Module):
         init_weights(self, linear="zero_bias")
         # pre: the stage output after the BN that the following layer applies before its ReLU
         self.feature_spec = FeatureSpec(
-            (
-                Stage(post=Tap("block1"), pre=Tap("block2.layer.0.bn1")),
-                Stage(post=Tap("block2"), pre=Tap("block3.layer.0.bn1")),
-                Stage(post=Tap("block3"), pre=Tap("bn1")),
+            tuple(
+                Stage(post=Tap(block), pre=Tap(bn), bn=bn)
+                for block, bn in [("block1", "block2.layer.0.bn1"), ("block2", "block3.layer.0.bn1"), ("block3", "bn1")]
             ),
             pooled=Tap("avgpool"),
         )
