@@ -13,9 +13,10 @@ class CheckpointMismatchError(ValueError):
 
 
 def extract_state_dict(obj) -> dict[str, torch.Tensor]:
-    """Accept a bare state dict or a dict holding one under 'model' / 'state_dict'; strip 'module.'."""
+    """Accept a bare state dict, or a dict holding one under 'model' / 'state_dict' / 'student'
+    (the last is what this toolkit's run checkpoints hold); strip a 'module.' prefix."""
     if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
+        for key in ("model", "state_dict", "student"):
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break

@@ -1,0 +1,147 @@
+"""Command line: ``reviewkd train|eval|export|models|methods|demo`` (also ``python -m reviewkd``).
+
+User errors end with one line on stderr and a non-zero exit; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reviewkd", description="Knowledge distillation with the review mechanism and the methods it is compared with.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("train", help="train a teacher (method: vanilla) or distil a student from a YAML config",
+                       description="Train from a YAML config. Overrides: dotted keys, e.g. solver.lr=0.01 data.subset=2000.")
+    t.add_argument("config", help="YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    t.add_argument("--resume", action="store_true", help="continue the run from <output_dir>/<name>/last.pt")
+    t.add_argument("--stop-after", type=int, metavar="EPOCH", help="stop after this epoch (resumable later with --resume)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+
+    e = sub.add_parser("eval", help="evaluate a run checkpoint on its test set")
+    e.add_argument("checkpoint", help="best.pt / last.pt of a run")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.root=/data/cifar")
+
+    x = sub.add_parser("export", help="export the bare student of a checkpoint (state dict, safetensors, TorchScript, ONNX)")
+    x.add_argument("checkpoint", help="best.pt / last.pt of a run")
+    x.add_argument("--out", default=None, help="output folder (default: <run>/export)")
+    x.add_argument("--formats", default="pt,safetensors,torchscript,onnx", help="comma-separated formats")
+
+    m = sub.add_parser("models", help="list the model zoo with parameters and FLOPs")
+    m.add_argument("--family", choices=["cifar", "imagenet"], default=None, help="only this family")
+    m.add_argument("--methods", action="store_true", help="list the distillation methods instead")
+
+    sub.add_parser("methods", help="list the distillation methods and their papers")
+
+    d = sub.add_parser("demo", help="the default run: teacher, vanilla student and ReviewKD student on Fashion-MNIST")
+    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--quick", action="store_true", help="a tiny version for smoke tests (minutes -> seconds)")
+    d.add_argument("--fresh", action="store_true", help="retrain everything even if earlier demo runs exist")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .engine.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer(cfg, resume=args.resume, progress=not args.no_progress, stop_after_epoch=args.stop_after).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        teacher = f", teacher {result.teacher_top1:.2f}%" if result.teacher_top1 is not None else ""
+        print(f"{cfg.name}: best top-1 {result.best_top1:.2f}%, final top-1 {result.final_top1:.2f}%{teacher}; "
+              f"outputs in {result.run_dir}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .config import apply_override, validate
+    from .engine.runtime import resolve_device, resolve_precision
+    from .engine.trainer import build_data, evaluate
+    from .export import student_from_checkpoint
+    from .models.summary import format_table
+
+    model, ckpt = student_from_checkpoint(args.checkpoint)
+    data = dict(ckpt["config"])
+    for item in args.overrides:
+        apply_override(data, item)
+    cfg = validate(data, args.checkpoint)
+    device = resolve_device(cfg.runtime.device)
+    precision = resolve_precision(cfg.runtime.precision, device)
+    datasets = build_data(cfg, device)
+    if datasets.num_classes != ckpt["num_classes"]:
+        raise ValueError(f"checkpoint has {ckpt['num_classes']} classes, dataset {cfg.data.name} has {datasets.num_classes}")
+    res = evaluate(model.to(device), datasets.test, device, precision)
+    print(format_table([{"checkpoint": args.checkpoint, "model": ckpt["model_name"], "epoch": ckpt["epoch"],
+                         "top1": res["top1"], "top5": res["top5"], "loss": res["loss"]}],
+                       ["checkpoint", "model", "epoch", "top1", "top5", "loss"]))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_student
+    from .models.summary import format_table
+
+    out = args.out or str(Path(args.checkpoint).resolve().parent / "export")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    results = export_student(args.checkpoint, out, formats)
+    rows = [{"format": k, "file": v["path"], "max |diff|": v["max_abs_diff"]} for k, v in results.items()]
+    print(format_table(rows, ["format", "file", "max |diff|"]))
+    print("every export reproduces the trained student's outputs")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from .methods import list_methods
+    from .models.summary import format_table
+
+    print(format_table([{"method": k, "paper": v} for k, v in list_methods().items()], ["method", "paper"]))
+    return 0
+
+
+def _cmd_models(args) -> int:
+    if args.methods:
+        return _cmd_methods(args)
+    from .models import list_models
+    from .models.summary import format_table, zoo_table
+
+    rows = zoo_table(list_models(args.family))
+    print(format_table(rows, list(rows[0].keys())))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, fresh=args.fresh)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "models": _cmd_models,
+            "methods": _cmd_methods, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch's checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # every failure ends as one line unless --debug
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"reviewkd {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

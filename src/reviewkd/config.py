@@ -1,0 +1,185 @@
+"""Run configuration: YAML files validated into typed objects, with dotted command-line overrides.
+
+A config file may start from another with ``base: other.yaml`` (path relative to the file); the
+file's own keys are merged over the base recursively. Overrides look like ``solver.lr=0.01``;
+values are parsed as YAML (``solver.milestones=[30,60]``, ``teacher=null``).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "fashion_mnist"
+    root: Optional[str] = None  # None: the dataset's default location
+    batch_size: int = Field(128, gt=0)  # global batch (split across processes under torchrun)
+    eval_batch_size: int = Field(512, gt=0)
+    subset: Optional[int] = Field(None, gt=0)  # first N train / N test samples, for quick runs
+    augment: bool = True
+    workers: int = Field(4, ge=0)  # imagefolder only
+    image_size: int = Field(224, gt=0)  # imagefolder only
+
+
+class ModelConfig(_Section):
+    name: str = "resnet8"
+    weights: Optional[str] = None  # initial weights (torch / torchvision / safetensors file)
+
+
+class TeacherConfig(_Section):
+    name: str
+    checkpoint: Optional[str] = None  # a run checkpoint (best.pt / last.pt) or a bare weight file
+    config: Optional[str] = None  # the teacher's own config: trained first when the checkpoint is missing
+
+
+class MethodConfig(_Section):
+    name: str = "vanilla"
+    ce_weight: Optional[float] = None  # None: the method's recipe default
+    options: dict[str, Any] = Field(default_factory=dict)
+    student_stages: Optional[list[int]] = None
+    teacher_stages: Optional[list[int]] = None
+
+
+class SolverConfig(_Section):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(240, gt=0)
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)  # linear learning-rate warm-up
+    pretrain_lr: Optional[float] = None  # methods with a pre-training stage; None: lr
+
+
+class RuntimeConfig(_Section):
+    device: str = "auto"  # auto, cpu, cuda, cuda:1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    sync_bn: bool = False
+    eval_every: int = Field(1, gt=0)
+
+
+class Config(_Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    teacher: Optional[TeacherConfig] = None
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml((path.parent / base), seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(data: dict, override: str, source: str = "command line") -> None:
+    """Apply one ``dotted.key=value`` override to a raw config dict."""
+    if "=" not in override:
+        raise ConfigError(f"{source}: override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: cannot set {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc}: {error['msg']}{got_text}"
+
+
+def validate(data: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _describe(errors[0])
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"{source}: {first}{more}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    for item in overrides:
+        apply_override(data, item)
+    if path is not None and "name" not in data:
+        data["name"] = Path(path).stem
+    return validate(data, source)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(config.to_yaml())

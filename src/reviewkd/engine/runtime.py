@@ -1,0 +1,90 @@
+"""Device, precision and process-group set-up for a run."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_request: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group that torchrun describes in the environment (if any) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_request, info.local_rank if world > 1 else None)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return info, device
+
+
+def resolve_device(request: str, local_rank: int | None = None) -> torch.device:
+    if request == "auto":
+        request = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(request)
+    except RuntimeError:
+        raise ValueError(f"runtime.device: unknown device {request!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("runtime.device asks for cuda but no GPU is available: use runtime.device=cpu")
+        if local_rank is not None and device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe()) or bool(amx and amx())
+
+
+def resolve_precision(request: str, device: torch.device) -> str:
+    """'auto' -> bf16 where the hardware has it (GPUs with bf16, CPUs with AVX-512 BF16/AMX), else fp32/fp16."""
+    if request == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if request == "fp16" and device.type != "cuda":
+        raise ValueError("runtime.precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
+    return request
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
