@@ -27,7 +27,7 @@ class DataConfig(_Section):
     root: Optional[str] = None  # None: the dataset's default location
     batch_size: int = Field(128, gt=0)  # global batch (split across processes under torchrun)
     eval_batch_size: int = Field(512, gt=0)
-    subset: Optional[int] = Field(None, gt=0)  # first N train / N test samples, for quick runs
+    subset: Optional[int] = Field(None, gt=0)  # N train + N test samples (seeded, balanced over classes)
     augment: bool = True
     workers: int = Field(4, ge=0)  # imagefolder only
     image_size: int = Field(224, gt=0)  # imagefolder only
