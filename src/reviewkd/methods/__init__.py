@@ -15,3 +15,17 @@ __all__ = [
     "DistillMethod", "IncompatiblePairError", "Step", "create_method", "list_methods",
     "method_class", "method_options", "register_method",
 ]
+from . import fitnet  # noqa: E402,F401
+from . import at  # noqa: E402,F401
+from . import sp  # noqa: E402,F401
+from . import cc  # noqa: E402,F401
+from . import rkd  # noqa: E402,F401
+from . import pkt  # noqa: E402,F401
+from . import nst  # noqa: E402,F401
+from . import vid  # noqa: E402,F401
+from . import ab  # noqa: E402,F401
+from . import ft  # noqa: E402,F401
+from . import fsp  # noqa: E402,F401
+from . import crd  # noqa: E402,F401
+from . import ofd  # noqa: E402,F401
+from . import dkd  # noqa: E402,F401
