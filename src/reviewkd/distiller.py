@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import FeatureSpec, FeatureTaps, feature_spec_of
+from .features import FeatureSpec, FeatureTaps, feature_spec_of, stage_batchnorms
 from .methods import DistillMethod, Step, create_method
 
 
@@ -74,6 +74,9 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def _probe_and_setup(self, context: dict) -> None:
+        if self._teacher_taps is not None:
+            # The BatchNorm before each teacher stage's final ReLU (OFD derives margins from it).
+            context.setdefault("teacher_bn", stage_batchnorms(self.teacher, self._teacher_taps.spec))
         # Eval mode for the probe: a batch of 2 must not move any BatchNorm statistics.
         was_training = self.student.training
         self.student.eval()

@@ -84,6 +84,17 @@ def feature_spec_of(model: nn.Module) -> FeatureSpec:
     return spec
 
 
+def stage_batchnorms(model: nn.Module, spec: FeatureSpec) -> list[nn.Module | None]:
+    """The BatchNorm that ``Stage.bn`` names for each stage of ``spec`` (None where not declared
+    or where the name is not a BatchNorm module)."""
+    modules = dict(model.named_modules())
+    out = []
+    for stage in spec.stages:
+        module = modules.get(stage.bn) if stage.bn is not None else None
+        out.append(module if isinstance(module, nn.modules.batchnorm._BatchNorm) else None)
+    return out
+
+
 class FeatureTaps:
     """Runs ``model`` and returns ``(output, [stage features..., pooled])`` for one kind of tap.
 

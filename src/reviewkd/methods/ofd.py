@@ -43,19 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..features import FeatureSpec
+from ..features import FeatureSpec, stage_batchnorms  # noqa: F401  (re-exported)
 from .base import DistillMethod, IncompatiblePairError, Step, register_method
-
-
-def stage_batchnorms(model: nn.Module, spec: FeatureSpec) -> list[nn.BatchNorm2d | None]:
-    """The BatchNorm that ``Stage.bn`` names for each stage of ``spec`` (None where not declared)."""
-    modules = dict(model.named_modules())
-    out = []
-    for stage in spec.stages:
-        if stage.bn is not None and not isinstance(modules.get(stage.bn), nn.BatchNorm2d):
-            raise ValueError(f"Stage.bn {stage.bn!r} of {type(model).__name__} is not a BatchNorm2d module")
-        out.append(None if stage.bn is None else modules[stage.bn])
-    return out
 
 
 @torch.no_grad()
