@@ -129,7 +129,15 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "mode
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse stops filling a nargs="*" positional at the first option: overrides written after
+        # one (``train cfg.yaml --resume solver.lr=0.01``) arrive here and still count as overrides.
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

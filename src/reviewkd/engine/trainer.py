@@ -270,9 +270,12 @@ class Trainer:
                 # The only host sync of the loop: progress display and the non-finite check.
                 means = {k: v.item() / (step + 1) for k, v in sums.items()}
                 if not math.isfinite(means["total"]):
+                    last = self.run_dir / "last.pt"
+                    saved = (f"The last good checkpoint is {last}" if last.is_file()
+                             else "No checkpoint was written yet")
+                    hint = "lower solver.lr" + (", or try runtime.precision=fp32" if self.precision != "fp32" else "")
                     raise TrainingError(
-                        f"loss became {means['total']} in {desc} (step {step + 1}); stopped. The last good checkpoint "
-                        f"is {self.run_dir / 'last.pt'}: lower solver.lr, or try runtime.precision=fp32"
+                        f"loss became {means['total']} in {desc} (step {step + 1}); stopped. {saved}: {hint}"
                     )
                 rate = seen * self.dist.world_size / (time.perf_counter() - start)
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, "img/s": f"{rate:.0f}"})
