@@ -77,11 +77,19 @@ class ReviewFusion(nn.Module):
             for i in reversed(range(n))
         )
 
-    def forward(self, student_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(
+        self, student_features: Sequence[torch.Tensor], out_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[torch.Tensor]:
+        """``out_sizes`` (shallow -> deep) overrides the teacher sizes given at construction, for
+        inputs whose size changes from batch to batch (detection: the sizes of this batch's
+        teacher features)."""
         if len(student_features) != len(self.abfs):
             raise ValueError(f"expected {len(self.abfs)} student features, got {len(student_features)}")
         deep_first = list(reversed(student_features))
-        sizes = list(reversed(self.teacher_sizes))
+        sizes = [tuple(int(v) for v in s) for s in (self.teacher_sizes if out_sizes is None else out_sizes)]
+        if len(sizes) != len(self.abfs):
+            raise ValueError(f"expected {len(self.abfs)} output sizes, got {len(sizes)}")
+        sizes = list(reversed(sizes))
         outputs, residual = [], None
         for abf, feature, size in zip(self.abfs, deep_first, sizes):
             out, residual = abf(feature, residual, size)

@@ -66,7 +66,9 @@ class ReviewKD(DistillMethod):
         return 1.0 if self.warmup_epochs <= 0 else min(1.0, epoch / self.warmup_epochs)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
-        fused = self.fusion(step.student_features)
+        # The teacher's sizes of this step (equal to the probe's for fixed-size inputs; detection
+        # batches change size from step to step).
+        fused = self.fusion(step.student_features, [t.shape[-2:] for t in step.teacher_features])
         losses = {"reviewkd": self.weight * self.warmup_factor(step.epoch) * hcl_loss(fused, step.teacher_features)}
         if self.kd_weight > 0:
             losses["kd"] = self.kd_weight * kd_loss(step.student_logits, step.teacher_logits, self.temperature)
