@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -23,7 +23,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "fashion_mnist"
+    # coco: a COCO-format folder (task: detection); shapes: the rendered-shapes set, generated in root if missing
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "coco", "shapes"] = "fashion_mnist"
     root: Optional[str] = None  # None: the dataset's default location
     batch_size: int = Field(128, gt=0)  # global batch (split across processes under torchrun)
     eval_batch_size: int = Field(512, gt=0)
@@ -76,7 +77,39 @@ class RuntimeConfig(_Section):
     eval_every: int = Field(1, gt=0)
 
 
+class DetectionConfig(_Section):
+    """Object detection / instance segmentation (``task: detection``), iteration-based.
+
+    Paths are relative to ``data.root``. ``model.name`` / ``teacher.name`` are detector names such
+    as ``fasterrcnn_resnet18_fpn``; ``solver`` gives the optimizer, lr, momentum, weight decay and
+    gamma (its epoch fields are not used: the schedule is ``max_iter`` / ``steps`` here).
+    """
+
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    labels: Literal["contiguous", "category_id"] = "contiguous"  # category_id: torchvision's 91 COCO classes
+    shapes: dict[str, Any] = Field(default_factory=dict)  # generator options when data.name is shapes
+    min_size_train: list[int] = Field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    max_size_train: int = Field(1333, gt=0)
+    min_size_test: int = Field(800, gt=0)
+    max_size_test: int = Field(1333, gt=0)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    backbone_weights: Optional[str] = None  # ImageNet weights of the student backbone (torchvision file)
+    trainable_layers: Optional[int] = Field(None, ge=0, le=5)  # None: 3 with backbone weights, else 5
+    frozen_bn: Optional[bool] = None  # None: frozen with backbone weights
+    detector_options: dict[str, Any] = Field(default_factory=dict)  # torchvision detector keyword arguments
+    max_iter: int = Field(90000, gt=0)
+    steps: list[int] = Field(default_factory=lambda: [60000, 80000])  # LR x gamma at these iterations
+    warmup_iters: int = Field(1000, ge=0)  # linear LR warm-up
+    checkpoint_period: int = Field(5000, gt=0)  # last.pt every N iterations (and at the end)
+    eval_period: int = Field(0, ge=0)  # COCO eval every N iterations; 0: only at the end
+    log_period: int = Field(20, gt=0)  # a metrics.csv row every N iterations
+
+
 class Config(_Section):
+    task: Literal["classification", "detection"] = "classification"
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
@@ -86,6 +119,20 @@ class Config(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     solver: SolverConfig = Field(default_factory=SolverConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    detection: Optional[DetectionConfig] = None  # task: detection only (defaults when omitted)
+
+    @model_validator(mode="after")
+    def _task_sections(self) -> "Config":
+        detection_data = self.data.name in ("coco", "shapes")
+        if self.task == "classification" and (self.detection is not None or detection_data):
+            raise ValueError("a 'detection' section or data.name coco/shapes needs task: detection")
+        if self.task == "detection":
+            if not detection_data:
+                raise ValueError(f"task: detection reads COCO-format data: data.name must be coco or shapes, "
+                                 f"got {self.data.name}")
+            if self.detection is None:
+                self.detection = DetectionConfig()
+        return self
 
     @field_validator("name")
     @classmethod
@@ -154,6 +201,8 @@ def apply_override(data: dict, override: str, source: str = "command line") -> N
 
 def _describe(error: dict) -> str:
     loc = ".".join(str(p) for p in error["loc"])
+    if not loc:  # a check across sections
+        return str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"unknown key {loc!r}"
     got = error.get("input")

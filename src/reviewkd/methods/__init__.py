@@ -29,3 +29,4 @@ from . import fsp  # noqa: E402,F401
 from . import crd  # noqa: E402,F401
 from . import ofd  # noqa: E402,F401
 from . import dkd  # noqa: E402,F401
+from . import feature_mse  # noqa: E402,F401
