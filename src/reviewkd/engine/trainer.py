@@ -127,7 +127,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.pretrain_epochs = self.distiller.method.pretrain_epochs
         self.pretrain_optimizer = (
-            build_optimizer(self.distiller.pretrain_parameters(), cfg.solver, lr=cfg.solver.pretrain_lr)
+            build_optimizer(self.distiller.pretrain_parameters(), cfg.solver, lr=self._pretrain_lr())
             if self.pretrain_epochs > 0 else None
         )
         self.start_epoch, self.pretrain_done, self.best_top1 = 0, 0, -1.0
@@ -137,6 +137,11 @@ class Trainer:
             self._load_last()
 
     # ----------------------------------------------------------------- set-up
+    def _pretrain_lr(self) -> float:
+        """The config's solver.pretrain_lr, else the method's recipe value, else the base LR."""
+        method_lr = getattr(self.distiller.method, "pretrain_lr", None)
+        return self.cfg.solver.pretrain_lr or method_lr or self.cfg.solver.lr
+
     def _check_run_dir(self) -> None:
         last = self.run_dir / "last.pt"
         if self.resume and not last.is_file():
@@ -234,6 +239,11 @@ class Trainer:
         self.best_top1, self.teacher_top1 = ckpt["best_top1"], ckpt["teacher_top1"]
         self.history = list(ckpt["history"])
         set_rng_state(ckpt["rng"])
+        saved = ckpt["config"].get("solver", {})
+        changed = [k for k, v in self.cfg.solver.model_dump(mode="json").items() if k != "epochs" and saved.get(k) != v]
+        if changed:
+            self._say(f"note: solver settings {changed} differ from the checkpoint; the optimizer and LR schedule "
+                      "continue from the checkpoint's state (start a new run to change them)")
         self._say(f"resuming {self.run_dir} after epoch {self.start_epoch}")
 
     # ------------------------------------------------------------------ loop
@@ -242,6 +252,8 @@ class Trainer:
         loader.set_epoch(epoch if not pretrain else -1 - epoch)
         optimizer = self.pretrain_optimizer if pretrain else self.optimizer
         self.model.train()
+        if pretrain and getattr(self.distiller.method, "pretrain_student_eval", False):
+            self.distiller.student.eval()  # the method's recipe keeps the student's BatchNorm fixed here
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
         seen = 0

@@ -36,10 +36,10 @@ benchmark's "CRD+KD" row uses ``kd_weight=1.0``).
 Needs the run context in ``probe.extra`` (``num_samples``, ``train_targets``, optionally
 ``num_classes``) and the batch's dataset indices as ``step.extra["indices"]``.
 
-Under DistributedDataParallel each rank uses its own batch: it samples its own negatives and updates
-the bank rows of its own samples only; the banks and ``Z`` are not synchronised across ranks here
-(with DDP's default ``broadcast_buffers=True`` rank 0's buffers overwrite the others at each
-forward, so only rank 0's bank updates persist).
+Under DistributedDataParallel the loss uses each rank's own batch (its own anchors and negatives),
+while the memory banks are updated with the batches of all ranks gathered (every rank applies the
+same update, so the banks stay identical and equal to a single process's over the global batch),
+and ``Z`` is estimated from the mean over ranks.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.distributed import gather_batch, mean_over_ranks
 from .base import DistillMethod, Step, register_method
 from .kd import kd_loss
 
@@ -149,12 +150,12 @@ class CRD(DistillMethod):
             out_s = torch.exp(torch.gather(v_s @ self.memory_t.T, 1, contrast) / self.nce_t)
             out_t = torch.exp(torch.gather(v_t @ self.memory_s.T, 1, contrast) / self.nce_t)
             with torch.no_grad():
-                estimate = torch.stack([out_s.mean(), out_t.mean()]) * self.num_samples
+                estimate = mean_over_ranks(torch.stack([out_s.mean(), out_t.mean()])) * self.num_samples
                 z = torch.where(self.z < 0, estimate, self.z)
                 self.z.copy_(z)
             loss = nce_loss(out_s / z[0], self.num_samples) + nce_loss(out_t / z[1], self.num_samples)
             if self.training:
-                self._update_memory(idx, v_s.detach(), v_t.detach())
+                self._update_memory(gather_batch(idx), gather_batch(v_s.detach()), gather_batch(v_t.detach()))
         losses = {"crd": self.weight * loss}
         if self.kd_weight > 0:
             losses["kd"] = self.kd_weight * kd_loss(step.student_logits, step.teacher_logits, self.temperature)
