@@ -29,7 +29,7 @@ def _configs(out: Path, quick: bool) -> list[tuple[str, Config]]:
     overrides = [f"output_dir={out}"] + (QUICK if quick else [])
     runs = []
     for role, file in ROLES:
-        extra = [] if role == "teacher" else [f"teacher.checkpoint={out}/demo_teacher/best.pt"]
+        extra = [f"teacher.checkpoint={out}/demo_teacher/best.pt"] if "ReviewKD" in role else []
         runs.append((role, load_config(CONFIG_DIR / file, overrides + extra)))
     return runs
 

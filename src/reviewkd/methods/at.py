@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, Step, register_method, require_stage_maps
 
 
 def float32(x: torch.Tensor):
@@ -65,11 +65,7 @@ class AT(DistillMethod):
         self.weight, self.p = float(weight), float(p)
 
     def setup(self, probe: Step) -> None:
-        if len(probe.student_features) < 2 or len(probe.teacher_features) < 2:
-            raise IncompatiblePairError(
-                f"{self.name} compares stage feature maps, but {probe.student_name} or {probe.teacher_name} "
-                "declares no stage besides the pooled feature: give its FeatureSpec at least one stage"
-            )
+        require_stage_maps(self, probe)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         pairs = zip(step.student_features[:-1], step.teacher_features[:-1])

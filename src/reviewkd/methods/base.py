@@ -68,6 +68,15 @@ class DistillMethod(nn.Module):
         raise NotImplementedError
 
 
+def require_stage_maps(method: DistillMethod, probe: Step) -> None:
+    """For methods that compare stage feature maps: both networks must declare a stage."""
+    if len(probe.student_features) < 2 or len(probe.teacher_features) < 2:
+        raise IncompatiblePairError(
+            f"{method.name} compares stage feature maps, but {probe.student_name} or {probe.teacher_name} "
+            "declares no stage besides the pooled feature: give its FeatureSpec at least one stage"
+        )
+
+
 _METHODS: dict[str, type[DistillMethod]] = {}
 
 

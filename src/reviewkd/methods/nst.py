@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .at import float32, match_spatial
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, Step, register_method, require_stage_maps
 
 
 def poly_kernel(a: torch.Tensor, b: torch.Tensor, degree: int = 2, c: float = 0.0) -> torch.Tensor:
@@ -55,11 +55,7 @@ class NST(DistillMethod):
         self.weight = float(weight)
 
     def setup(self, probe: Step) -> None:
-        if len(probe.student_features) < 2 or len(probe.teacher_features) < 2:
-            raise IncompatiblePairError(
-                f"{self.name} compares stage feature maps, but {probe.student_name} or {probe.teacher_name} "
-                "declares no stage besides the pooled feature: give its FeatureSpec at least one stage"
-            )
+        require_stage_maps(self, probe)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         pairs = zip(step.student_features[:-1], step.teacher_features[:-1])

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .at import float32
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, Step, register_method, require_stage_maps
 
 
 def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
@@ -47,11 +47,7 @@ class SP(DistillMethod):
         self.weight = float(weight)
 
     def setup(self, probe: Step) -> None:
-        if len(probe.student_features) < 2 or len(probe.teacher_features) < 2:
-            raise IncompatiblePairError(
-                f"{self.name} compares stage feature maps, but {probe.student_name} or {probe.teacher_name} "
-                "declares no stage besides the pooled feature: give its FeatureSpec at least one stage"
-            )
+        require_stage_maps(self, probe)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         return {"sp": self.weight * sp_loss(step.student_features[-2], step.teacher_features[-2])}
