@@ -119,7 +119,9 @@ class Trainer:
         if cfg.runtime.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
         self.model = self._wrap(self.distiller)
-        self.student_eval = torch.compile(student) if cfg.runtime.compile else student
+        self.student_eval = student
+        if cfg.runtime.compile:  # the training step (student, teacher, method) and evaluation
+            self.model, self.student_eval = torch.compile(self.model), torch.compile(student)
 
         steps = len(self.data.train)
         self.optimizer = build_optimizer(self.distiller.trainable_parameters(), cfg.solver)
