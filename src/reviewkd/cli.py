@@ -1,4 +1,5 @@
-"""Command line: ``reviewkd train|eval|export|models|methods|demo`` (also ``python -m reviewkd``).
+"""Command line: ``reviewkd train|eval|export|models|methods|demo|demo-detection|make-shapes``
+(also ``python -m reviewkd``).
 
 User errors end with one line on stderr and a non-zero exit; ``--debug`` shows the traceback.
 """
@@ -23,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config file (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     t.add_argument("--resume", action="store_true", help="continue the run from <output_dir>/<name>/last.pt")
-    t.add_argument("--stop-after", type=int, metavar="EPOCH", help="stop after this epoch (resumable later with --resume)")
+    t.add_argument("--stop-after", type=int, metavar="EPOCH", help="stop after this epoch, or iteration for detection "
+                   "(resumable later with --resume)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
     e = sub.add_parser("eval", help="evaluate a run checkpoint on its test set")
@@ -33,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export the bare student of a checkpoint (state dict, safetensors, TorchScript, ONNX)")
     x.add_argument("checkpoint", help="best.pt / last.pt of a run")
     x.add_argument("--out", default=None, help="output folder (default: <run>/export)")
-    x.add_argument("--formats", default="pt,safetensors,torchscript,onnx", help="comma-separated formats")
+    x.add_argument("--formats", default=None, help="comma-separated formats (default: pt,safetensors,torchscript,onnx; "
+                   "detectors: pt,safetensors,torchscript)")
 
     m = sub.add_parser("models", help="list the model zoo with parameters and FLOPs")
     m.add_argument("--family", choices=["cifar", "imagenet"], default=None, help="only this family")
@@ -45,6 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--quick", action="store_true", help="a tiny version for smoke tests (minutes -> seconds)")
     d.add_argument("--fresh", action="store_true", help="retrain everything even if earlier demo runs exist")
+
+    dd = sub.add_parser("demo-detection", help="CPU detection demo: teacher, vanilla and ReviewKD Faster R-CNN students "
+                        "on rendered shapes, with their COCO AP side by side")
+    dd.add_argument("--out", default="runs/shapes_demo", help="output folder (default: runs/shapes_demo)")
+    dd.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
+    dd.add_argument("--fresh", action="store_true", help="retrain everything even if earlier demo runs exist")
+
+    s = sub.add_parser("make-shapes", help="write a small COCO-format dataset of rendered shapes (boxes + polygon masks)")
+    s.add_argument("out", help="output folder (gets train/, val/ and annotations/)")
+    s.add_argument("--train", type=int, default=400, help="training images (default 400)")
+    s.add_argument("--val", type=int, default=100, help="validation images (default 100)")
+    s.add_argument("--min-size", type=int, default=128, help="smallest image side (default 128)")
+    s.add_argument("--max-size", type=int, default=192, help="largest image side (default 192)")
+    s.add_argument("--max-objects", type=int, default=4, help="most shapes per image (default 4)")
+    s.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -53,11 +71,24 @@ def _cmd_train(args) -> int:
     from .engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.task == "detection":
+        return _train_detection(cfg, args)
     result = Trainer(cfg, resume=args.resume, progress=not args.no_progress, stop_after_epoch=args.stop_after).fit()
     if int(os.environ.get("RANK", "0")) == 0:
         teacher = f", teacher {result.teacher_top1:.2f}%" if result.teacher_top1 is not None else ""
         print(f"{cfg.name}: best top-1 {result.best_top1:.2f}%, final top-1 {result.final_top1:.2f}%{teacher}; "
               f"outputs in {result.run_dir}")
+    return 0
+
+
+def _train_detection(cfg, args) -> int:
+    from .detection.trainer import DetectionTrainer
+
+    result = DetectionTrainer(cfg, resume=args.resume, progress=not args.no_progress, stop_after_iter=args.stop_after).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        teacher = f", teacher box AP {result.teacher_metrics['box_AP']:.2f}" if result.teacher_metrics else ""
+        final = f"box AP {result.metrics['box_AP']:.2f}" if result.metrics else "not evaluated yet"
+        print(f"{cfg.name}: {final}{teacher}; outputs in {result.run_dir}")
     return 0
 
 
@@ -68,6 +99,15 @@ def _cmd_eval(args) -> int:
     from .export import student_from_checkpoint
     from .models.summary import format_table
 
+    from .detection.export import is_detection_checkpoint
+
+    if is_detection_checkpoint(args.checkpoint):
+        from .detection.export import evaluate_checkpoint
+
+        row = evaluate_checkpoint(args.checkpoint, args.overrides)
+        columns = [k for k in row if k not in ("checkpoint",)]
+        print(format_table([row], ["checkpoint", *columns], formats={k: ".2f" for k in columns if "AP" in k}))
+        return 0
     model, ckpt = student_from_checkpoint(args.checkpoint)
     data = dict(ckpt["config"])
     for item in args.overrides:
@@ -89,9 +129,18 @@ def _cmd_export(args) -> int:
     from .export import export_student
     from .models.summary import format_table
 
+    from .detection.export import is_detection_checkpoint
+
     out = args.out or str(Path(args.checkpoint).resolve().parent / "export")
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    results = export_student(args.checkpoint, out, formats)
+    detection = is_detection_checkpoint(args.checkpoint)
+    default = "pt,safetensors,torchscript" if detection else "pt,safetensors,torchscript,onnx"
+    formats = [f.strip() for f in (args.formats or default).split(",") if f.strip()]
+    if detection:
+        from .detection.export import export_detector
+
+        results = export_detector(args.checkpoint, out, formats)
+    else:
+        results = export_student(args.checkpoint, out, formats)
     rows = [{"format": k, "file": v["path"], "max |diff|": v["max_abs_diff"]} for k, v in results.items()]
     print(format_table(rows, ["format", "file", "max |diff|"]))
     print("every export reproduces the trained student's outputs")
@@ -124,8 +173,26 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_demo_detection(args) -> int:
+    from .detection.demo import run_detection_demo
+
+    run_detection_demo(Path(args.out), quick=args.quick, fresh=args.fresh)
+    return 0
+
+
+def _cmd_make_shapes(args) -> int:
+    from .detection.shapes import make_shapes
+
+    paths = make_shapes(args.out, num_train=args.train, num_val=args.val, min_size=args.min_size,
+                        max_size=args.max_size, max_objects=args.max_objects, seed=args.seed)
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "models": _cmd_models,
-            "methods": _cmd_methods, "demo": _cmd_demo}
+            "methods": _cmd_methods, "demo": _cmd_demo, "demo-detection": _cmd_demo_detection,
+            "make-shapes": _cmd_make_shapes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,7 @@ class DetectionConfig(_Section):
     max_iter: int = Field(90000, gt=0)
     steps: list[int] = Field(default_factory=lambda: [60000, 80000])  # LR x gamma at these iterations
     warmup_iters: int = Field(1000, ge=0)  # linear LR warm-up
+    clip_grad_norm: Optional[float] = Field(None, gt=0)  # clip the gradients' global L2 norm (None: no clipping)
     checkpoint_period: int = Field(5000, gt=0)  # last.pt every N iterations (and at the end)
     eval_period: int = Field(0, ge=0)  # COCO eval every N iterations; 0: only at the end
     log_period: int = Field(20, gt=0)  # a metrics.csv row every N iterations

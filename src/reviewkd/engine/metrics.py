@@ -13,8 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 class MetricsLog:
     """Keeps the history of epoch rows (restored on resume) and rewrites the files from it."""
 
-    def __init__(self, run_dir: Path, history: list[dict] | None = None, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, history: list[dict] | None = None, tensorboard: bool = True,
+                 x_key: str = "epoch", scores: dict[str, str] | None = None, score_axis: str | None = None):
+        # x_key: the row key that counts progress (epoch; iteration for detection); scores / score_axis:
+        # the evaluation columns of the right-hand panel of curves.png (see plot_curves).
         self.run_dir = Path(run_dir)
+        self.x_key, self.scores, self.score_axis = x_key, scores, score_axis
         self.history: list[dict] = list(history or [])
         self._writer = None
         if tensorboard:
@@ -28,13 +32,14 @@ class MetricsLog:
     def add(self, row: dict) -> None:
         self.history.append(row)
         if self._writer is not None:
-            step = row["epoch"]
+            step = row[self.x_key]
             for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)):
+                if key != self.x_key and isinstance(value, (int, float)):
                     self._writer.add_scalar(key.replace("_", "/", 1), value, step)
             self._writer.flush()
         self.write_csv()
-        plot_curves({"": self.history}, self.run_dir / "curves.png")
+        plot_curves({"": self.history}, self.run_dir / "curves.png", x_key=self.x_key, scores=self.scores,
+                    score_axis=self.score_axis)
 
     def write_csv(self) -> None:
         columns: list[str] = []
@@ -50,21 +55,28 @@ class MetricsLog:
             self._writer.close()
 
 
-def plot_curves(runs: dict[str, list[dict]], path: Path, title: str | None = None) -> None:
-    """Loss terms (left) and test accuracy (right) over epochs, one line style per run."""
+def plot_curves(runs: dict[str, list[dict]], path: Path, title: str | None = None, *, x_key: str = "epoch",
+                scores: dict[str, str] | None = None, score_axis: str | None = None) -> None:
+    """Loss terms (left) and evaluation scores (right) over ``x_key``, one line style per run.
+
+    ``scores`` maps row keys to legend labels (default: test top-1); rows without a score (e.g.
+    logged between evaluations) are skipped on the right.
+    """
+    scores = scores or {"test_top1": "test top-1"}
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for label, history in runs.items():
         if not history:
             continue
-        epochs = [r["epoch"] for r in history]
+        xs = [r[x_key] for r in history]
         prefix = f"{label}: " if label else ""
         for key in [k for k in history[-1] if k.startswith("loss_")]:
-            ax_loss.plot(epochs, [r.get(key, float("nan")) for r in history], label=prefix + key[5:])
-        if "test_top1" in history[-1]:
-            ax_acc.plot(epochs, [r.get("test_top1", float("nan")) for r in history], marker="o", ms=3,
-                        label=prefix + "test top-1")
-    ax_loss.set(xlabel="epoch", ylabel="training loss (weighted terms)", title="losses")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="test accuracy")
+            ax_loss.plot(xs, [r.get(key, float("nan")) for r in history], label=prefix + key[5:])
+        for key, name in scores.items():
+            points = [(r[x_key], r[key]) for r in history if r.get(key) is not None]
+            if points:
+                ax_acc.plot(*zip(*points), marker="o", ms=3, label=prefix + name)
+    ax_loss.set(xlabel=x_key, ylabel="training loss (weighted terms)", title="losses")
+    ax_acc.set(xlabel=x_key, ylabel=score_axis or "top-1 accuracy (%)", title="evaluation" if score_axis else "test accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

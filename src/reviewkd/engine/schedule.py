@@ -6,10 +6,16 @@ import math
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def lr_factor(epoch_float: float, *, schedule: str, epochs: int, milestones, gamma: float, warmup_epochs: float) -> float:
-    """Multiplier of the base LR at a (fractional) epoch."""
+def lr_factor(epoch_float: float, *, schedule: str, epochs: int, milestones, gamma: float, warmup_epochs: float,
+              warmup_start: float = 0.0) -> float:
+    """Multiplier of the base LR at a (fractional) epoch.
+
+    The unit is the caller's: iteration-based schedules (detection) pass iterations for
+    ``epoch_float``, ``epochs``, ``milestones`` and ``warmup_epochs``. Warm-up rises linearly from
+    ``warmup_start`` (detectron2-style recipes start at 0.001) to 1.
+    """
     if warmup_epochs > 0 and epoch_float < warmup_epochs:
-        return (epoch_float + 1e-8) / warmup_epochs
+        return warmup_start + (1.0 - warmup_start) * (epoch_float + 1e-8) / warmup_epochs
     if schedule == "multistep":
         return gamma ** sum(epoch_float >= m for m in milestones)
     if schedule == "cosine":
