@@ -63,18 +63,22 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str | None = Non
     logged between evaluations) are skipped on the right.
     """
     scores = scores or {"test_top1": "test top-1"}
+    several = len(runs) > 1  # then: one colour per run, one line style per loss term
+    styles = ("-", "--", ":", "-.")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, history in runs.items():
+    for i, (label, history) in enumerate(runs.items()):
         if not history:
             continue
         xs = [r[x_key] for r in history]
         prefix = f"{label}: " if label else ""
-        for key in [k for k in history[-1] if k.startswith("loss_")]:
-            ax_loss.plot(xs, [r.get(key, float("nan")) for r in history], label=prefix + key[5:])
+        terms = sorted((k for k in history[-1] if k.startswith("loss_")), key=lambda k: k != "loss_total")
+        for j, key in enumerate(terms):
+            style = {"color": f"C{i}", "linestyle": styles[j % len(styles)]} if several else {}
+            ax_loss.plot(xs, [r.get(key, float("nan")) for r in history], label=prefix + key[5:], **style)
         for key, name in scores.items():
             points = [(r[x_key], r[key]) for r in history if r.get(key) is not None]
             if points:
-                ax_acc.plot(*zip(*points), marker="o", ms=3, label=prefix + name)
+                ax_acc.plot(*zip(*points), marker="o", ms=3, label=prefix + name, **({"color": f"C{i}"} if several else {}))
     ax_loss.set(xlabel=x_key, ylabel="training loss (weighted terms)", title="losses")
     ax_acc.set(xlabel=x_key, ylabel=score_axis or "top-1 accuracy (%)", title="evaluation" if score_axis else "test accuracy")
     for ax in (ax_loss, ax_acc):
