@@ -44,8 +44,9 @@ def main() -> None:
         if not file.is_file():
             print(f"skipping {method}: no recipe {file}")
             continue
-        overrides = common + [f"solver.epochs={args.epochs}", f"teacher.checkpoint={teacher.run_dir}/best.pt",
-                              f"name=bench_{method}"]
+        overrides = common + [f"solver.epochs={args.epochs}", f"name=bench_{method}"]
+        if method != "vanilla":
+            overrides.append(f"teacher.checkpoint={teacher.run_dir}/best.pt")
         if "pretrain_epochs" in method_options(method):
             overrides.append("method.options.pretrain_epochs=1")
         cfg = load_config(file, overrides)
