@@ -300,6 +300,7 @@ def test_resume_of_an_iteration_run_matches_an_uninterrupted_one_and_export(tmp_
     assert scripted is not None
 
 
+@pytest.mark.slow  # about 3 minutes on a 2-core CPU: keeps the default suite under 10 minutes
 def test_cli_smoke_demo_reports_vanilla_and_reviewkd_side_by_side(tmp_path, capsys):
     assert cli(["demo-detection", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
