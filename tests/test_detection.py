@@ -300,8 +300,8 @@ def test_resume_of_an_iteration_run_matches_an_uninterrupted_one_and_export(tmp_
     assert scripted is not None
 
 
-@pytest.mark.slow  # about 3 minutes on a 2-core CPU: keeps the default suite under 10 minutes
 def test_cli_smoke_demo_reports_vanilla_and_reviewkd_side_by_side(tmp_path, capsys):
+    # --quick: 8 images of about 100 px and 6 iterations per run, about 20 s on an idle 2-core CPU
     assert cli(["demo-detection", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "vanilla student" in out and "ReviewKD student" in out and "box AP points" in out

@@ -239,8 +239,7 @@ class DetectionData:
                           persistent_workers=False)
 
     def val_loader(self) -> DataLoader:
-        sampler = EvalBatches(len(self.val_set), self.eval_batch_size, self.rank, self.world)
-        return DataLoader(self.val_set, batch_sampler=sampler, collate_fn=collate, num_workers=self.workers)
+        return val_loader(self.val_set, self.eval_batch_size, self.workers, self.rank, self.world)
 
 
 def resolve(root: str | None, path: str) -> Path:
@@ -248,13 +247,30 @@ def resolve(root: str | None, path: str) -> Path:
     return p if p.is_absolute() or root is None else Path(root) / p
 
 
+def _ensure_data(cfg) -> None:
+    if cfg.data.name == "shapes":
+        from .shapes import ensure_shapes
+
+        ensure_shapes(cfg.data.root or "data/shapes", **cfg.detection.shapes)
+
+
+def build_val_set(cfg, *, masks: bool) -> CocoDetection:
+    """The evaluation set of a detection config alone (no training annotations read)."""
+    _ensure_data(cfg)
+    det = cfg.detection
+    return CocoDetection(resolve(cfg.data.root, det.val_images), resolve(cfg.data.root, det.val_annotations),
+                         train=False, masks=masks, labels=det.labels, subset=cfg.data.subset)
+
+
+def val_loader(dataset: CocoDetection, batch_size: int, workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=EvalBatches(len(dataset), batch_size, rank, world), collate_fn=collate,
+                      num_workers=workers)
+
+
 def build_detection_data(cfg, *, masks: bool, rank: int = 0, world: int = 1) -> DetectionData:
     """Datasets and loaders of a detection config (``data`` + ``detection`` sections)."""
     d, det = cfg.data, cfg.detection
-    if d.name == "shapes":
-        from .shapes import ensure_shapes
-
-        ensure_shapes(d.root or "data/shapes", **det.shapes)
+    _ensure_data(cfg)
     root = d.root
     if d.batch_size % world:
         raise ValueError(f"data.batch_size={d.batch_size} is the global batch: it must divide by the "
@@ -262,8 +278,7 @@ def build_detection_data(cfg, *, masks: bool, rank: int = 0, world: int = 1) -> 
     aug = TrainAugment(tuple(det.min_size_train), det.max_size_train, det.flip_prob if d.augment else 0.0)
     train = CocoDetection(resolve(root, det.train_images), resolve(root, det.train_annotations), train=True,
                           masks=masks, labels=det.labels, augment=aug, subset=d.subset)
-    val = CocoDetection(resolve(root, det.val_images), resolve(root, det.val_annotations), train=False,
-                        masks=masks, labels=det.labels, subset=d.subset)
+    val = build_val_set(cfg, masks=masks)
     if train.cat_to_label != val.cat_to_label:
         raise ValueError("train and val annotation files have different categories")
     return DetectionData(train, val, d.batch_size // world, d.eval_batch_size, cfg.seed, rank, world, d.workers)

@@ -25,11 +25,12 @@ from .trainer import SCORES, DetectionTrainer  # noqa: E402
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "coco"
 ROLES = (("teacher", "demo_shapes_teacher.yaml"), ("vanilla student", "demo_shapes_vanilla.yaml"),
          ("ReviewKD student", "demo_shapes_reviewkd.yaml"))
-# A smoke-test version: a tiny dataset and a few dozen iterations per run.
-QUICK = ["detection.shapes={num_train: 24, num_val: 8, min_size: 128, max_size: 160, max_objects: 3, seed: 0}",
-         "detection.max_iter=12", "detection.steps=[10]", "detection.warmup_iters=4", "detection.eval_period=0",
-         "detection.checkpoint_period=6", "detection.log_period=4", "data.batch_size=2", "data.eval_batch_size=4",
-         "data.workers=0"]
+# A smoke-test version: a tiny dataset of small images and a handful of iterations per run.
+QUICK = ["detection.shapes={num_train: 8, num_val: 4, min_size: 96, max_size: 112, max_objects: 2, seed: 0}",
+         "detection.min_size_train=[96]", "detection.max_size_train=128", "detection.min_size_test=96",
+         "detection.max_size_test=128", "detection.max_iter=6", "detection.steps=[4]", "detection.warmup_iters=2",
+         "detection.eval_period=0", "detection.checkpoint_period=3", "detection.log_period=2", "data.batch_size=2",
+         "data.eval_batch_size=4", "data.workers=0"]
 METRIC_COLUMNS = ("box_AP", "box_AP50", "box_AP75", "box_APs", "box_APm")
 
 

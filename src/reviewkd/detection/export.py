@@ -52,17 +52,17 @@ def evaluate_checkpoint(path: str | Path, overrides=(), progress: bool = True) -
     """COCO AP of a checkpoint's student on its config's val set (``data.root=...`` etc. override)."""
     from ..engine.runtime import autocast, resolve_device, resolve_precision
     from .coco_eval import evaluate_detector
-    from .data import build_detection_data
+    from .data import build_val_set, val_loader
 
     model, ckpt, cfg = student_from_checkpoint(path, overrides)
     device = resolve_device(cfg.runtime.device)
     precision = resolve_precision(cfg.runtime.precision, device)
     masks = ckpt["model_name"].startswith("maskrcnn")
-    data = build_detection_data(cfg, masks=masks)
-    if data.num_classes != ckpt["num_classes"]:
-        raise ValueError(f"checkpoint has {ckpt['num_classes']} classes, the dataset {data.num_classes}")
-    metrics = evaluate_detector(model.to(device), data.val_loader(), data.val_set, device,
-                                autocast(device, precision), masks=masks, progress=progress)
+    val = build_val_set(cfg, masks=masks)
+    if val.num_classes != ckpt["num_classes"]:
+        raise ValueError(f"checkpoint has {ckpt['num_classes']} classes, the dataset {val.num_classes}")
+    metrics = evaluate_detector(model.to(device), val_loader(val, cfg.data.eval_batch_size, cfg.data.workers), val,
+                                device, autocast(device, precision), masks=masks, progress=progress)
     return {"checkpoint": str(path), "model": ckpt["model_name"], "iteration": ckpt["iteration"], **metrics}
 
 
