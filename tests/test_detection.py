@@ -334,7 +334,7 @@ def test_torchrun_detection_run_writes_once_and_resumes(tmp_path, shapes):
     cfg = _tiny_config(tmp_path, shapes)
     overrides = ["name=ddp", "method.name=reviewkd", "method.options={weight: 1.0, warmup_epochs: 0}",
                  "teacher={name: fasterrcnn_resnet18_fpn, checkpoint: " + str(tmp_path / "runs" / "teacher" / "last.pt") + "}"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "reviewkd", "train", str(cfg), *overrides, "--no-progress"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*command, "--stop-after", "3"], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
