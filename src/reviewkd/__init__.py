@@ -1,5 +1,5 @@
 """reviewkd: knowledge distillation built around the review mechanism (ABF + HCL)."""
-from .distiller import Distiller
+from .recipes import Distiller, Recipe
 from .features import FeatureSpec, FeatureTaps, Stage, Tap
 from .methods import create_method, list_methods, register_method
 from .models import CheckpointMismatchError, create_model, list_models, load_weights
@@ -8,7 +8,7 @@ from .review import ABF, ReviewFusion, hcl_loss
 __version__ = "0.1.0"
 
 __all__ = [
-    "Distiller", "FeatureSpec", "FeatureTaps", "Stage", "Tap", "create_method", "list_methods",
+    "Distiller", "Recipe", "FeatureSpec", "FeatureTaps", "Stage", "Tap", "create_method", "list_methods",
     "register_method", "CheckpointMismatchError", "create_model", "list_models", "load_weights",
     "ABF", "ReviewFusion", "hcl_loss",
 ]

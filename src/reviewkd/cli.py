@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after", type=int, metavar="EPOCH", help="stop after this epoch, or iteration for detection "
                    "(resumable later with --resume)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    t.add_argument("--dry-run", action="store_true", help="check everything cheap, print the resolved config, the "
+                   "models, the method's feature pairs and the teacher plan, and exit")
 
     e = sub.add_parser("eval", help="evaluate a run checkpoint on its test set")
     e.add_argument("checkpoint", help="best.pt / last.pt of a run")
@@ -68,60 +70,46 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     from .config import load_config
-    from .engine.trainer import Trainer
+    from .engine.loop import Run
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.task == "detection":
-        return _train_detection(cfg, args)
-    result = Trainer(cfg, resume=args.resume, progress=not args.no_progress, stop_after_epoch=args.stop_after).fit()
+    run = Run(cfg, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
+    if args.dry_run:
+        print(run.describe())
+        return 0
+    result = run.fit()
     if int(os.environ.get("RANK", "0")) == 0:
-        teacher = f", teacher {result.teacher_top1:.2f}%" if result.teacher_top1 is not None else ""
-        print(f"{cfg.name}: best top-1 {result.best_top1:.2f}%, final top-1 {result.final_top1:.2f}%{teacher}; "
-              f"outputs in {result.run_dir}")
-    return 0
-
-
-def _train_detection(cfg, args) -> int:
-    from .detection.trainer import DetectionTrainer
-
-    result = DetectionTrainer(cfg, resume=args.resume, progress=not args.no_progress, stop_after_iter=args.stop_after).fit()
-    if int(os.environ.get("RANK", "0")) == 0:
-        teacher = f", teacher box AP {result.teacher_metrics['box_AP']:.2f}" if result.teacher_metrics else ""
-        final = f"box AP {result.metrics['box_AP']:.2f}" if result.metrics else "not evaluated yet"
-        print(f"{cfg.name}: {final}{teacher}; outputs in {result.run_dir}")
+        task = run.task
+        best = "not evaluated yet" if result.best_score is None else f"{result.best_score:.2f}"
+        final = task.describe(result.metrics) if result.metrics else "not evaluated yet"
+        teacher = f", teacher {task.describe(result.teacher_metrics)}" if result.teacher_metrics else ""
+        print(f"{cfg.name}: best {task.score_label} {best}, final {final}{teacher}; outputs in {result.run_dir}")
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from .config import apply_override, validate
+    import torch
+
     from .engine.runtime import resolve_device, resolve_precision
-    from .engine.trainer import build_data, evaluate
     from .export import student_from_checkpoint
     from .models.summary import format_table
+    from .tasks import get_task
 
-    from .detection.export import is_detection_checkpoint
-
-    if is_detection_checkpoint(args.checkpoint):
-        from .detection.export import evaluate_checkpoint
-
-        row = evaluate_checkpoint(args.checkpoint, args.overrides)
-        columns = [k for k in row if k not in ("checkpoint",)]
-        print(format_table([row], ["checkpoint", *columns], formats={k: ".2f" for k in columns if "AP" in k}))
-        return 0
-    model, ckpt = student_from_checkpoint(args.checkpoint)
-    data = dict(ckpt["config"])
-    for item in args.overrides:
-        apply_override(data, item)
-    cfg = validate(data, args.checkpoint)
+    model, ckpt, cfg = student_from_checkpoint(args.checkpoint, args.overrides, export=False)
+    task = get_task(ckpt["task"])
     device = resolve_device(cfg.runtime.device)
     precision = resolve_precision(cfg.runtime.precision, device)
-    datasets = build_data(cfg, device)
-    if datasets.num_classes != ckpt["num_classes"]:
-        raise ValueError(f"checkpoint has {ckpt['num_classes']} classes, dataset {cfg.data.name} has {datasets.num_classes}")
-    res = evaluate(model.to(device), datasets.test, device, precision)
-    print(format_table([{"checkpoint": args.checkpoint, "model": ckpt["model_name"], "epoch": ckpt["epoch"],
-                         "top1": res["top1"], "top5": res["top5"], "loss": res["loss"]}],
-                       ["checkpoint", "model", "epoch", "top1", "top5", "loss"]))
+    data = task.build_eval_data(cfg, device)
+    if data.num_outputs != ckpt["num_classes"]:
+        raise ValueError(f"checkpoint has {ckpt['num_classes']} classes, dataset {cfg.data.name} has {data.num_outputs}")
+    model = model.to(device)
+    if cfg.runtime.channels_last and task.name != "detection":  # as the run evaluated it
+        model = model.to(memory_format=torch.channels_last)
+    metrics = task.evaluate(model, data, device, precision, progress=True)
+    unit = ckpt.get("unit", "epoch")
+    row = {"checkpoint": args.checkpoint, "model": ckpt["model_name"], unit: ckpt[unit], **metrics}
+    columns = list(row)
+    print(format_table([row], columns, formats={k: ".2f" for k in metrics}))
     return 0
 
 
@@ -129,18 +117,9 @@ def _cmd_export(args) -> int:
     from .export import export_student
     from .models.summary import format_table
 
-    from .detection.export import is_detection_checkpoint
-
     out = args.out or str(Path(args.checkpoint).resolve().parent / "export")
-    detection = is_detection_checkpoint(args.checkpoint)
-    default = "pt,safetensors,torchscript" if detection else "pt,safetensors,torchscript,onnx"
-    formats = [f.strip() for f in (args.formats or default).split(",") if f.strip()]
-    if detection:
-        from .detection.export import export_detector
-
-        results = export_detector(args.checkpoint, out, formats)
-    else:
-        results = export_student(args.checkpoint, out, formats)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
+    results = export_student(args.checkpoint, out, formats)
     rows = [{"format": k, "file": v["path"], "max |diff|": v["max_abs_diff"]} for k, v in results.items()]
     print(format_table(rows, ["format", "file", "max |diff|"]))
     print("every export reproduces the trained student's outputs")
@@ -174,9 +153,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_demo_detection(args) -> int:
-    from .detection.demo import run_detection_demo
+    from .demo import run_demo
 
-    run_detection_demo(Path(args.out), quick=args.quick, fresh=args.fresh)
+    run_demo(Path(args.out), quick=args.quick, fresh=args.fresh, kind="detection")
     return 0
 
 
@@ -207,10 +186,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted; the last completed epoch's checkpoint is kept (continue with --resume)", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a run (a run says itself what it saved)
+        print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # every failure ends as one line unless --debug
+        from .engine.loop import Interrupted
+
+        if isinstance(exc, Interrupted):
+            print(str(exc), file=sys.stderr)
+            return EXIT_INTERRUPTED
         if args.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -24,14 +24,15 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     # coco: a COCO-format folder (task: detection); shapes: the rendered-shapes set, generated in root if missing
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "coco", "shapes"] = "fashion_mnist"
+    # regression: image files with numeric targets (task: regression; see the regression section)
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "coco", "shapes", "regression"] = "fashion_mnist"
     root: Optional[str] = None  # None: the dataset's default location
     batch_size: int = Field(128, gt=0)  # global batch (split across processes under torchrun)
     eval_batch_size: int = Field(512, gt=0)
     subset: Optional[int] = Field(None, gt=0)  # N train + N test samples (seeded, balanced over classes)
     augment: bool = True
     workers: int = Field(4, ge=0)  # imagefolder only
-    image_size: int = Field(224, gt=0)  # imagefolder only
+    image_size: int = Field(224, gt=0)  # imagefolder and regression
 
 
 class ModelConfig(_Section):
@@ -64,7 +65,8 @@ class SolverConfig(_Section):
     milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
     gamma: float = Field(0.1, gt=0)
     warmup_epochs: float = Field(0.0, ge=0)  # linear learning-rate warm-up
-    pretrain_lr: Optional[float] = None  # methods with a pre-training stage; None: lr
+    pretrain_lr: Optional[float] = None  # methods with a pre-training stage; None: the method's, else lr
+    clip_grad_norm: Optional[float] = Field(None, gt=0)  # clip each group's gradient L2 norm (None: no clipping)
 
 
 class RuntimeConfig(_Section):
@@ -103,14 +105,29 @@ class DetectionConfig(_Section):
     max_iter: int = Field(90000, gt=0)
     steps: list[int] = Field(default_factory=lambda: [60000, 80000])  # LR x gamma at these iterations
     warmup_iters: int = Field(1000, ge=0)  # linear LR warm-up
-    clip_grad_norm: Optional[float] = Field(None, gt=0)  # clip the gradients' global L2 norm (None: no clipping)
     checkpoint_period: int = Field(5000, gt=0)  # last.pt every N iterations (and at the end)
     eval_period: int = Field(0, ge=0)  # COCO eval every N iterations; 0: only at the end
     log_period: int = Field(20, gt=0)  # a metrics.csv row every N iterations
 
 
+class RegressionConfig(_Section):
+    """Image regression (``task: regression``): ``data.root`` is a folder of images whose names
+    start with the target (UTKFace: ``age_gender_race_date.jpg``), or holds ``train/`` and
+    ``test/`` such folders; or ``csv`` names a CSV (a file, or a folder with train.csv / test.csv)
+    of image paths and targets. A single source is split by ``test_fraction``."""
+
+    csv: Optional[str] = None
+    file_column: str = "file"
+    target_column: str = "target"
+    channels: Literal[1, 3] = 3
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    normalise: Literal["standard", "minmax", "none"] = "standard"  # targets, from the training set's values
+    loss: Literal["mse", "l1"] = "mse"
+    synthetic: Optional[dict[str, Any]] = None  # generate disc-radius images in data.root when it is missing
+
+
 class Config(_Section):
-    task: Literal["classification", "detection"] = "classification"
+    task: Literal["classification", "detection", "regression"] = "classification"
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
@@ -121,12 +138,20 @@ class Config(_Section):
     solver: SolverConfig = Field(default_factory=SolverConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     detection: Optional[DetectionConfig] = None  # task: detection only (defaults when omitted)
+    regression: Optional[RegressionConfig] = None  # task: regression only (defaults when omitted)
 
     @model_validator(mode="after")
     def _task_sections(self) -> "Config":
         detection_data = self.data.name in ("coco", "shapes")
-        if self.task == "classification" and (self.detection is not None or detection_data):
+        if self.task != "detection" and (self.detection is not None or detection_data):
             raise ValueError("a 'detection' section or data.name coco/shapes needs task: detection")
+        if self.task != "regression" and (self.regression is not None or self.data.name == "regression"):
+            raise ValueError("a 'regression' section or data.name regression needs task: regression")
+        if self.task == "regression":
+            if self.data.name != "regression":
+                raise ValueError(f"task: regression reads data.name: regression, got {self.data.name}")
+            if self.regression is None:
+                self.regression = RegressionConfig()
         if self.task == "detection":
             if not detection_data:
                 raise ValueError(f"task: detection reads COCO-format data: data.name must be coco or shapes, "

@@ -1,4 +1,7 @@
-"""Export the bare student (no ABF or other distillation module) for deployment, and check it."""
+"""Export the bare student of a run checkpoint (no teacher, ABF or other training module) for
+deployment, and check every file: each export is reloaded and its outputs compared with the
+trained student's. The formats' writers are shared; the task supplies how to rebuild its network,
+sample inputs, TorchScript conversion and the comparison."""
 from __future__ import annotations
 
 import warnings
@@ -7,92 +10,92 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import apply_override, validate
 from .engine.checkpoint import load_checkpoint
-from .models import create_model
+from .models.weights import check_state_dict
+from .tasks import get_task
 
-FORMATS = ("pt", "safetensors", "torchscript", "onnx")
 
-
-def student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the trained student of a run checkpoint (eval mode, CPU, float32)."""
+def student_from_checkpoint(path: str | Path, overrides=(), export: bool = True) -> tuple[nn.Module, dict, object]:
+    """(trained student in eval mode on the CPU, checkpoint, its config with ``overrides`` applied);
+    ``export=False`` builds it as training evaluates it (e.g. a detector's float32-box hooks)."""
     ckpt = load_checkpoint(path)
-    model = create_model(ckpt["model_name"], num_classes=ckpt["num_classes"])
+    data = dict(ckpt["config"])
+    for item in overrides:
+        apply_override(data, item)
+    cfg = validate(data, str(path))
+    task = get_task(ckpt["task"])
+    model = task.rebuild(ckpt, cfg, export=export)
+    check_state_dict(model, ckpt["student"], what=str(path))
     model.load_state_dict(ckpt["student"])
-    return model.eval(), ckpt
+    return model.eval(), ckpt, cfg
 
 
-def export_student(checkpoint: str | Path, out_dir: str | Path, formats=FORMATS, atol: float = 1e-4) -> dict[str, dict]:
-    """Write the student in each format and compare each export's outputs with the model's.
+def _torchscript(task, model, inputs):
+    if hasattr(task, "to_torchscript"):
+        return task.to_torchscript(model, inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(model, inputs)
 
-    Returns ``{format: {"path": ..., "max_abs_diff": ...}}``; raises if an export disagrees.
-    """
-    unknown = [f for f in formats if f not in FORMATS]
+
+def _write(fmt: str, task, model, inputs, stem: Path, meta: dict, ckpt, cfg):
+    """Write one format; return (path, the reloaded export's outputs on ``inputs``)."""
+    if fmt == "pt":
+        path = stem.with_suffix(".pt")
+        torch.save({**meta, "model": model.state_dict()}, path)
+        reloaded = task.rebuild(ckpt, cfg)
+        reloaded.load_state_dict(torch.load(path, weights_only=True)["model"])
+    elif fmt == "safetensors":
+        from safetensors.torch import load_file, save_file
+
+        path = stem.with_suffix(".safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+                  metadata={"model_name": meta["model_name"], "num_classes": str(meta["num_classes"])})
+        reloaded = task.rebuild(ckpt, cfg)
+        reloaded.load_state_dict(load_file(str(path)))
+    elif fmt == "torchscript":
+        path = stem.with_suffix(".torchscript.pt")
+        _torchscript(task, model, inputs).save(str(path))
+        reloaded = torch.jit.load(str(path))
+    else:  # onnx
+        import onnxruntime as ort
+
+        path = stem.with_suffix(".onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (inputs,), str(path), dynamo=False, input_names=["images"],
+                              output_names=["outputs"], dynamic_axes={"images": {0: "batch"}, "outputs": {0: "batch"}})
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return path, torch.from_numpy(session.run(None, {"images": inputs.numpy()})[0])
+    with torch.no_grad():
+        return path, task.run_exported(reloaded, inputs)
+
+
+def export_student(checkpoint: str | Path, out_dir: str | Path, formats=None, atol: float | None = None) -> dict[str, dict]:
+    """Write the student in each format (default: all the task's) and compare each reloaded
+    export's outputs with the model's. Returns ``{format: {"path", "max_abs_diff"}}``; raises if
+    an export disagrees."""
+    model, ckpt, cfg = student_from_checkpoint(checkpoint)
+    task = get_task(ckpt["task"])
+    formats = list(formats or task.export_formats)
+    unknown = [f for f in formats if f not in task.export_formats]
     if unknown:
-        raise ValueError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
-    model, ckpt = student_from_checkpoint(checkpoint)
+        raise ValueError(f"unknown export format(s) {unknown} for {task.name}; choose from {', '.join(task.export_formats)}")
+    atol = atol if atol is not None else (1e-3 if task.name == "detection" else 1e-4)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = ckpt["model_name"]
-    x = torch.randn(4, *ckpt["input_size"], generator=torch.Generator().manual_seed(0))
+    stem = out_dir / ckpt["model_name"]
+    inputs = task.sample_inputs(ckpt, cfg)
     with torch.no_grad():
-        expected = model(x)
+        expected = model(inputs)
+    meta = {k: ckpt[k] for k in ("model_name", "num_classes", "input_size", "label_to_cat", "class_names",
+                                 "target_scaler") if ckpt.get(k) is not None}
     results = {}
     for fmt in formats:
-        path, got = _EXPORTERS[fmt](model, x, out_dir / stem, ckpt)
-        diff = (torch.as_tensor(got) - expected).abs().max().item()
+        path, got = _write(fmt, task, model, inputs, stem, meta, ckpt, cfg)
+        diff = task.output_difference(expected, got)
         if not diff <= atol:
             raise RuntimeError(f"{fmt} export {path} differs from the trained student by {diff:.3g} (> {atol})")
         results[fmt] = {"path": str(path), "max_abs_diff": diff}
     return results
-
-
-def _fresh(ckpt) -> nn.Module:
-    return create_model(ckpt["model_name"], num_classes=ckpt["num_classes"]).eval()
-
-
-def _export_pt(model, x, stem, ckpt):
-    path = stem.with_suffix(".pt")
-    torch.save({"model_name": ckpt["model_name"], "num_classes": ckpt["num_classes"],
-                "input_size": ckpt["input_size"], "model": model.state_dict()}, path)
-    reloaded = _fresh(ckpt)
-    reloaded.load_state_dict(torch.load(path, weights_only=True)["model"])
-    with torch.no_grad():
-        return path, reloaded(x)
-
-
-def _export_safetensors(model, x, stem, ckpt):
-    from safetensors.torch import load_file, save_file
-
-    path = stem.with_suffix(".safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"model_name": ckpt["model_name"], "num_classes": str(ckpt["num_classes"])})
-    reloaded = _fresh(ckpt)
-    reloaded.load_state_dict(load_file(str(path)))
-    with torch.no_grad():
-        return path, reloaded(x)
-
-
-def _export_torchscript(model, x, stem, ckpt):
-    path = stem.with_suffix(".torchscript.pt")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, x)
-    traced.save(str(path))
-    loaded = torch.jit.load(str(path))
-    with torch.no_grad():
-        return path, loaded(x)
-
-
-def _export_onnx(model, x, stem, ckpt):
-    import onnxruntime as ort
-
-    path = stem.with_suffix(".onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return path, torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-
-
-_EXPORTERS = {"pt": _export_pt, "safetensors": _export_safetensors, "torchscript": _export_torchscript, "onnx": _export_onnx}

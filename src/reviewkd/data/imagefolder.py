@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
+from ..batch import Batch
 from .loader import derive_seed
 
 
@@ -95,8 +96,8 @@ def build_image_loader(
 
 
 class ImageFolderLoader:
-    """Same interface as ``TensorLoader`` over an ImageFolder: ``set_epoch``, ``len()`` and batches
-    ``(images float, labels int64, indices int64)`` already moved to ``device``.
+    """Same interface as ``TensorLoader`` over an ImageFolder (or any dataset of ``(image, target)``
+    pairs): ``set_epoch``, ``len()`` and :class:`Batch` es already moved to ``device``.
 
     ``batch_size`` is the global batch; each of the ``world_size`` processes loads
     ``batch_size // world_size``. Training shards with a ``DistributedSampler`` (padded, shuffled
@@ -153,4 +154,5 @@ class ImageFolderLoader:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         for images, labels, indices in self.loader:
             images = images.to(self.device, non_blocking=non_blocking).contiguous(memory_format=memory_format)
-            yield images, labels.to(self.device, non_blocking=non_blocking), indices.to(self.device, non_blocking=non_blocking)
+            yield Batch({"image": images}, labels.to(self.device, non_blocking=non_blocking),
+                        indices.to(self.device, non_blocking=non_blocking))

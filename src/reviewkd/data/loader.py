@@ -7,6 +7,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..batch import Batch
 from .augment import BatchAugment
 
 # Separate random streams derived from the same (seed, epoch): sample order vs augmentation.
@@ -21,7 +22,9 @@ def derive_seed(*parts: int) -> int:
 
 
 class TensorLoader:
-    """Iterates ``(images float, labels int64, indices int64)`` over uint8 images held on ``device``.
+    """Iterates :class:`Batch` es (``inputs["image"]`` float, ``targets``, ``index`` int64) over uint8
+    images held on ``device``. Targets keep their dtype: int64 class labels, or float values
+    (regression).
 
     The data are copied to ``device`` once. ``set_epoch(epoch)`` fixes the sample order (a
     permutation drawn from ``(seed, epoch)`` when ``shuffle``) and the augmentation randomness
@@ -54,8 +57,8 @@ class TensorLoader:
     ):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
-        if labels.shape != (len(images_uint8),):
-            raise ValueError(f"labels must have shape ({len(images_uint8)},), got {tuple(labels.shape)}")
+        if labels.shape[:1] != (len(images_uint8),):
+            raise ValueError(f"labels must have {len(images_uint8)} rows, got shape {tuple(labels.shape)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if batch_size < world_size:
@@ -64,7 +67,7 @@ class TensorLoader:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.device = torch.device(device)
         self.images = images_uint8.to(self.device)
-        self.labels = labels.to(self.device, torch.int64)
+        self.labels = labels.to(self.device, labels.dtype if labels.is_floating_point() else torch.int64)
         self.batch_size = batch_size
         self.local_batch_size = batch_size // world_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
@@ -105,7 +108,7 @@ class TensorLoader:
             order = order[:total]
         return order[self.rank::self.world_size]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         indices = self.shard_indices().to(self.device)
         generator = torch.Generator(device=self.device)
         batch = self.local_batch_size
@@ -114,4 +117,4 @@ class TensorLoader:
             # Seeded per batch: batch b's augmentation does not depend on how many batches ran before.
             generator.manual_seed(derive_seed(self.seed, self.epoch, _AUGMENT_STREAM, self.rank, b))
             images = self.augment(self.images[batch_indices], generator=generator)
-            yield images, self.labels[batch_indices], batch_indices
+            yield Batch({"image": images}, self.labels[batch_indices], batch_indices)

@@ -88,8 +88,8 @@ def evaluate_detector(model: nn.Module, loader, dataset, device: torch.device, a
     model.eval()
     results, seen = [], []
     bar = tqdm(loader, desc="evaluating", leave=False, dynamic_ncols=True, disable=None if progress else True)
-    for images, targets in bar:
-        images = [im.to(device, non_blocking=True) for im in images]
+    for batch in bar:
+        images, targets = [im.to(device, non_blocking=True) for im in batch.inputs["images"]], batch.targets
         with autocast_ctx if autocast_ctx is not None else contextlib.nullcontext():
             outputs = model(images)
         ids = [t["image_id"] for t in targets]

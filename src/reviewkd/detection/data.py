@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..batch import Batch
+
 
 def quiet_coco(annotation_file: str | os.PathLike):
     """pycocotools.COCO without its progress prints."""
@@ -164,8 +166,8 @@ class CocoDetection(Dataset):
         return image, target
 
 
-def collate(batch):
-    return [b[0] for b in batch], [b[1] for b in batch]
+def collate(items) -> Batch:
+    return Batch({"images": [item[0] for item in items]}, [item[1] for item in items])
 
 
 # ------------------------------------------------------------------------------------- samplers
@@ -282,11 +284,3 @@ def build_detection_data(cfg, *, masks: bool, rank: int = 0, world: int = 1) -> 
     if train.cat_to_label != val.cat_to_label:
         raise ValueError("train and val annotation files have different categories")
     return DetectionData(train, val, d.batch_size // world, d.eval_batch_size, cfg.seed, rank, world, d.workers)
-
-
-def to_device(images: Sequence[torch.Tensor], targets: Sequence[dict] | None, device: torch.device):
-    images = [im.to(device, non_blocking=True) for im in images]
-    if targets is None:
-        return images, None
-    moved = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-    return images, moved

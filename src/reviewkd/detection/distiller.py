@@ -1,6 +1,8 @@
-"""DetectionDistiller: a torchvision student detector, a frozen teacher detector and a method.
+"""DetectionDistiller: the Distiller recipe for a torchvision student detector and a frozen teacher
+detector. Only the passes through the two networks differ from classification; the rest (frozen
+teacher, method set-up, loss assembly, stages, optimiser groups) is the Distiller's.
 
-``distiller(images, targets, epoch=e)`` -> ``{loss name: tensor}``: the student detector's own
+``distiller.losses(batch, epoch)`` -> ``(None, {loss name: tensor})``: the student detector's own
 losses (RPN + ROI heads, plus masks for Mask R-CNN; focal + box regression for RetinaNet) and the
 method's weighted terms. One pass:
 
@@ -21,28 +23,15 @@ fused but the deepest), HCL per level, sizes taken from this batch's features.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from torchvision.models.detection import RetinaNet
 
-from ..methods import DistillMethod, IncompatiblePairError, Step, create_method
-
-# Methods whose detection use is implemented and tested (features: FPN levels; logits: ROI heads).
-DETECTION_METHODS = ("vanilla", "reviewkd", "feature_mse", "kd")
-
-
-def _name(model) -> str:
-    return getattr(model, "model_name", type(model).__name__)
-
-
-def _uses_features(method: DistillMethod) -> bool:
-    return method.student_features is not None or method.teacher_features is not None
-
-
-def _uses_logits(method: DistillMethod) -> bool:
-    return method.needs_teacher and (not _uses_features(method) or getattr(method, "kd_weight", 0.0) > 0)
+from ..batch import Batch
+from ..methods import IncompatiblePairError
+from ..recipes.distill import Distiller, model_name
 
 
 class _RoiTap:
@@ -69,73 +58,78 @@ class _RoiTap:
             h.remove()
 
 
-class DetectionDistiller(nn.Module):
-    """Student + frozen teacher + method; ``forward`` returns the weighted loss terms.
+class DetectionDistiller(Distiller):
+    """Student detector + frozen teacher detector + method.
 
     ``probe_size`` (C, H, W) is the dummy batch the method configures itself from (channels and
-    number of levels; sizes at run time come from each batch).
+    number of levels; sizes at run time come from each batch). The detector's losses are added
+    unweighted (``ce_weight`` 1).
     """
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module | None = None,
-        method: str | DistillMethod = "reviewkd",
-        *,
-        probe_size: Sequence[int] = (3, 128, 160),
-        **method_options,
-    ):
-        super().__init__()
-        name = method if isinstance(method, str) else method.name
-        if name not in DETECTION_METHODS:
-            raise ValueError(f"method {name!r} is not available for detection; choose from {', '.join(DETECTION_METHODS)}")
-        self.student = student
-        self.method = create_method(method, **method_options) if isinstance(method, str) else method
-        if self.method.needs_teacher and teacher is None:
-            raise ValueError(f"method {name!r} needs a teacher detector; pass teacher=... or use method='vanilla'")
-        self.teacher = teacher if self.method.needs_teacher else None
-        if self.teacher is not None:
-            self.teacher.requires_grad_(False)
-            self.teacher.eval()
+    task = "detection"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, method="reviewkd", *,
+                 probe_size: Sequence[int] = (3, 128, 160), **options):
+        super().__init__(student, teacher, method, input_size=probe_size, ce_weight=1.0, **options)
+
+    def _build_taps(self, student_spec, teacher_spec, student_stages, teacher_stages) -> None:
+        reads, student, teacher = self.method.reads, self.student, self.teacher
+        if any(v is not None for v in (student_spec, teacher_spec, student_stages, teacher_stages)):
+            raise ValueError("detection distils every FPN level: feature specs and stages do not apply")
         self.retinanet = isinstance(student, RetinaNet)
-        self.uses_features = _uses_features(self.method) and self.teacher is not None
-        self.uses_logits = _uses_logits(self.method)
-        if self.uses_logits and (self.retinanet or isinstance(self.teacher, RetinaNet)):
+        self.uses_features = reads.features and teacher is not None
+        self.uses_logits = reads.teacher and reads.logits
+        if self.uses_logits and (self.retinanet or isinstance(teacher, RetinaNet)):
             raise IncompatiblePairError(
-                f"method {name!r} distils the box head's class logits of the proposals, which "
+                f"method {self.method.name!r} distils the box head's class logits of the proposals, which "
                 "RetinaNet does not have: use Faster / Mask R-CNN, or a feature method (reviewkd, feature_mse)"
             )
-        if self.teacher is not None and type(self.teacher) is not type(student) and self.uses_logits:
+        if teacher is not None and type(teacher) is not type(student) and self.uses_logits:
             raise IncompatiblePairError("logit distillation needs the teacher to be the same kind of detector")
         self._roi_tap = _RoiTap(student.roi_heads) if self.uses_logits else None
-        self.probe_size = tuple(int(v) for v in probe_size)
-        self._probe_and_setup()
 
-    def _device(self) -> torch.device:
-        return next(self.student.parameters()).device
+    def probe_batch(self) -> Batch:
+        images = list(torch.randn(2, *self.input_size, device=self._device()))
+        return Batch({"images": images}, None)
 
-    @torch.no_grad()
-    def _probe_and_setup(self) -> None:
-        was_training = self.student.training
-        self.student.eval()
+    def _student_pass(self, batch: Batch):
+        s = self.student
+        if batch.targets is None:  # the probe: FPN levels of the normalised batch
+            tensors = torch.stack(batch.inputs["images"])
+            features = s.backbone(tensors)
+            return None, list(features.values()), {}, {"tensors": tensors, "student_logits": None,
+                                                        "levels": len(features)}
+        images, targets = s.transform(batch.inputs["images"], batch.targets)
+        features = s.backbone(images.tensors)
+        if self._roi_tap is not None:
+            self._roi_tap.recording = True
         try:
-            x = torch.randn(2, *self.probe_size, device=self._device())
-            s_feats = list(self.student.backbone(x).values())
-            t_feats = list(self.teacher.backbone(x).values()) if self.teacher is not None else None
-            if self.uses_features and len(s_feats) != len(t_feats):
-                raise IncompatiblePairError(
-                    f"{_name(self.student)} has {len(s_feats)} FPN levels and {_name(self.teacher)} "
-                    f"{len(t_feats)}: pair detectors of the same kind (RetinaNet with RetinaNet)"
-                )
-            self.method.setup(Step(
-                student_logits=None, student_features=s_feats, teacher_features=t_feats,
-                student_name=_name(self.student), teacher_name=_name(self.teacher) if self.teacher is not None else "teacher",
-            ))
+            raw = self._detector_losses(images, features, targets)
         finally:
-            self.student.train(was_training)
-        self.method.to(self._device())
+            if self._roi_tap is not None:
+                self._roi_tap.recording = False
+        losses = {k.removeprefix("loss_"): v for k, v in raw.items()}
+        shared = {"tensors": images.tensors, "image_sizes": images.image_sizes, "student_logits": None,
+                  "levels": len(features)}
+        if self._roi_tap is not None:
+            shared["student_logits"], shared["proposals"] = self._roi_tap.logits, self._roi_tap.proposals
+            self._roi_tap.logits = self._roi_tap.proposals = None
+        return None, list(features.values()) if self.uses_features else None, losses, shared
 
-    # ------------------------------------------------------------------ forward
+    def _teacher_pass(self, batch: Batch, shared: dict):
+        t_features = self.teacher.backbone(shared["tensors"])
+        if self.uses_features and len(t_features) != shared["levels"]:
+            raise IncompatiblePairError(
+                f"{model_name(self.student)} and {model_name(self.teacher)} have different numbers of FPN "
+                "levels: pair detectors of the same kind (RetinaNet with RetinaNet)"
+            )
+        logits = None
+        if self.uses_logits and "proposals" in shared:
+            heads = self.teacher.roi_heads
+            pooled = heads.box_roi_pool(t_features, shared["proposals"], shared["image_sizes"])
+            logits, _ = heads.box_predictor(heads.box_head(pooled))
+        return logits, list(t_features.values()) if self.uses_features else None
+
     def _detector_losses(self, images, features, targets) -> dict[str, torch.Tensor]:
         s = self.student
         if self.retinanet:
@@ -147,66 +141,12 @@ class DetectionDistiller(nn.Module):
         _, roi_losses = s.roi_heads(features, proposals, images.image_sizes, targets)
         return {**rpn_losses, **roi_losses}
 
-    def _teacher_logits(self, t_features, proposals, image_sizes) -> torch.Tensor:
-        heads = self.teacher.roi_heads
-        pooled = heads.box_roi_pool(t_features, proposals, image_sizes)
-        logits, _ = heads.box_predictor(heads.box_head(pooled))
-        return logits
-
-    def forward(self, images: list[torch.Tensor], targets: list[dict], epoch: float = 0.0, **extra) -> dict[str, torch.Tensor]:
+    def forward(self, *args, **kwargs):
+        """``(batch, stage, epoch)`` from the loop, or ``(images, targets, epoch=...)`` ->
+        ``{loss name: tensor}`` for direct use (training mode only)."""
+        if args and isinstance(args[0], Batch):
+            return self.train_step(*args, **kwargs)
         if not self.training:
             raise RuntimeError("DetectionDistiller computes training losses: call .train() (evaluate distiller.student)")
-        s = self.student
-        batch, targets = s.transform(images, targets)
-        features = s.backbone(batch.tensors)
-        t_features = None
-        if self.teacher is not None and (self.uses_features or self.uses_logits):
-            with torch.inference_mode():
-                t_features = self.teacher.backbone(batch.tensors)
-
-        if self._roi_tap is not None:
-            self._roi_tap.recording = True
-        try:
-            raw = self._detector_losses(batch, features, targets)
-        finally:
-            if self._roi_tap is not None:
-                self._roi_tap.recording = False
-        losses = {k.removeprefix("loss_"): v for k, v in raw.items()}
-
-        if self.method.name == "vanilla":
-            return losses
-        s_logits = t_logits = None
-        if self.uses_logits:
-            s_logits = self._roi_tap.logits
-            with torch.inference_mode():
-                t_logits = self._teacher_logits(t_features, self._roi_tap.proposals, batch.image_sizes)
-            t_logits = t_logits.clone()  # inference tensors cannot be saved for backward
-            self._roi_tap.logits = self._roi_tap.proposals = None
-        step = Step(
-            student_logits=s_logits,
-            teacher_logits=t_logits,
-            student_features=list(features.values()) if self.uses_features else None,
-            teacher_features=[f.clone() for f in t_features.values()] if self.uses_features else None,
-            epoch=float(epoch),
-            extra=extra,
-            student_name=_name(s),
-            teacher_name=_name(self.teacher) if self.teacher is not None else "teacher",
-        )
-        for name, value in self.method(step).items():
-            if name in losses:
-                raise ValueError(f"method loss {name!r} collides with a detector loss")
-            losses[name] = value
-        return losses
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Student and method modules (ABFs, regressors); never the teacher."""
-        for p in self.student.parameters():
-            if p.requires_grad:
-                yield p
-        yield from self.method.parameters()
+        images, targets = args[0], args[1] if len(args) > 1 else kwargs.pop("targets")
+        return self.losses(Batch({"images": list(images)}, list(targets)), float(kwargs.get("epoch", 0.0)))[1]

@@ -11,7 +11,7 @@ import torch
 
 from ..models.weights import CheckpointMismatchError
 
-FORMAT = "reviewkd-checkpoint-1"
+FORMAT = "reviewkd-checkpoint-2"
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -35,6 +35,14 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted ``atomic_save`` left in ``folder``."""
+    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _umask() -> int:

@@ -1,37 +1,39 @@
-"""Learning-rate schedules as a per-iteration multiplier (so warm-up is smooth within epochs)."""
+"""The run's schedule: one counter (iterations) for epoch- and iteration-based runs."""
 from __future__ import annotations
 
 import math
-
-from torch.optim.lr_scheduler import LambdaLR
-
-
-def lr_factor(epoch_float: float, *, schedule: str, epochs: int, milestones, gamma: float, warmup_epochs: float,
-              warmup_start: float = 0.0) -> float:
-    """Multiplier of the base LR at a (fractional) epoch.
-
-    The unit is the caller's: iteration-based schedules (detection) pass iterations for
-    ``epoch_float``, ``epochs``, ``milestones`` and ``warmup_epochs``. Warm-up rises linearly from
-    ``warmup_start`` (detectron2-style recipes start at 0.001) to 1.
-    """
-    if warmup_epochs > 0 and epoch_float < warmup_epochs:
-        return warmup_start + (1.0 - warmup_start) * (epoch_float + 1e-8) / warmup_epochs
-    if schedule == "multistep":
-        return gamma ** sum(epoch_float >= m for m in milestones)
-    if schedule == "cosine":
-        start = warmup_epochs
-        progress = min(1.0, (epoch_float - start) / max(1e-8, epochs - start))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
+from dataclasses import dataclass
 
 
-def build_scheduler(optimizer, solver, steps_per_epoch: int) -> LambdaLR:
-    # Multistep changes at epoch boundaries (as the released scripts); warm-up/cosine per step.
-    def factor(step: int) -> float:
-        epoch_float = step / steps_per_epoch
-        if solver.schedule == "multistep" and epoch_float >= solver.warmup_epochs:
-            epoch_float = float(step // steps_per_epoch)
-        return lr_factor(epoch_float, schedule=solver.schedule, epochs=solver.epochs,
-                         milestones=solver.milestones, gamma=solver.gamma, warmup_epochs=solver.warmup_epochs)
+@dataclass
+class RunSchedule:
+    """One counter for epoch- and iteration-based runs: everything is in iterations, and the LR
+    schedule's unit is ``unit`` iterations (an epoch; 1 for iteration-based schedules)."""
 
-    return LambdaLR(optimizer, factor)
+    unit: int  # iterations per schedule unit
+    length: int  # run length in units
+    kind: str = "multistep"  # multistep | cosine | constant
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+    warmup: float = 0.0  # in units
+    warmup_start: float = 0.0  # LR factor at the start of the warm-up
+    eval_period: int = 1  # iterations; 0: only at the end
+    checkpoint_period: int = 1
+    log_period: int = 1
+    x_key: str = "epoch"  # what the history's rows count (epoch | iteration)
+
+    @property
+    def total(self) -> int:
+        return self.length * self.unit
+
+    def lr_factor(self, iteration: int) -> float:
+        """Multiplier of the base LR after ``iteration`` steps (multistep changes at unit boundaries)."""
+        t = iteration / self.unit
+        if self.warmup > 0 and t < self.warmup:
+            return self.warmup_start + (1.0 - self.warmup_start) * (t + 1e-8) / self.warmup
+        if self.kind == "multistep":
+            return self.gamma ** sum(float(iteration // self.unit) >= m for m in self.milestones)
+        if self.kind == "cosine":
+            progress = min(1.0, (t - self.warmup) / max(1e-8, self.length - self.warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0

@@ -2,6 +2,9 @@
 from .base import (
     DistillMethod,
     IncompatiblePairError,
+    Pretraining,
+    Reads,
+    RunContext,
     Step,
     create_method,
     list_methods,
@@ -12,7 +15,7 @@ from .base import (
 from . import vanilla, kd, reviewkd  # noqa: F401,E401  (register the built-in methods)
 
 __all__ = [
-    "DistillMethod", "IncompatiblePairError", "Step", "create_method", "list_methods",
+    "DistillMethod", "IncompatiblePairError", "Pretraining", "Reads", "RunContext", "Step", "create_method", "list_methods",
     "method_class", "method_options", "register_method",
 ]
 from . import fitnet  # noqa: E402,F401

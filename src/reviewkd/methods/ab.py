@@ -25,7 +25,7 @@ Two stages, following the CIFAR-100 benchmark code (RepDistiller/CRD) and the pa
    here all student parameters are handed over, and the classifier gets no gradient from this loss:
    the optimiser skips parameters without gradients). The benchmark uses a fresh SGD (momentum 0.9,
    weight decay 5e-4) at the run's base learning rate, constant, and the student's feature layers
-   in train mode: ``pretrain_lr = None`` and ``pretrain_student_eval = False`` say so.
+   in train mode: ``Pretraining(epochs, lr=None, student_train=True)`` says so.
 2. Distillation epochs: cross-entropy only. The benchmark script passes ``-b 1`` but its training
    loop sets the AB term to zero, so ``weight=0.0`` by default; ``weight > 0`` keeps adding the AB
    loss (with the connectors still training) to the cross-entropy.
@@ -35,12 +35,11 @@ No batch-level statistics besides the connectors' BatchNorm (per-rank under Dist
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, IncompatiblePairError, Pretraining, Reads, RunContext, Step, register_method
 from .vid import require_equal_stage_counts
 
 
@@ -88,20 +87,16 @@ class AB(DistillMethod):
         "Heo, Lee, Yun, Choi, AAAI 2019: Knowledge Transfer via Distillation of Activation Boundaries "
         "Formed by Hidden Neurons"
     )
-    student_features = "pre"
-    teacher_features = "pre"
+    reads = Reads(student_features="pre", teacher_features="pre", logits=False, tasks=('classification', 'regression'))
     # Pre-training optimiser: None = the run's base learning rate (benchmark), constant.
-    pretrain_lr: ClassVar[Optional[float]] = None
-    # The benchmark trains the student's layers in train mode during pre-training.
-    pretrain_student_eval: ClassVar[bool] = False
 
     def __init__(self, weight: float = 0.0, margin: float = 1.0, pretrain_epochs: int = 30):
         super().__init__()
         self.weight, self.margin = float(weight), float(margin)
-        self.pretrain_epochs = int(pretrain_epochs)
+        self.pretraining = Pretraining(int(pretrain_epochs)) if pretrain_epochs > 0 else None
         self.connectors = nn.ModuleList()
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         n = require_equal_stage_counts(probe, "AB")
         for i in range(n):
             where = f"stage {i + 1} ({probe.student_name} -> {probe.teacher_name})"

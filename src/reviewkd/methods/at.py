@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import DistillMethod, Step, register_method, require_stage_maps
+from .base import DistillMethod, Reads, RunContext, Step, register_method, require_stage_maps
 
 
 def float32(x: torch.Tensor):
@@ -57,14 +57,13 @@ def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2.0) -> torch.Tenso
 class AT(DistillMethod):
     name = "at"
     paper = "Zagoruyko, Komodakis, ICLR 2017: Paying More Attention to Attention (attention transfer)"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'regression'))
 
     def __init__(self, weight: float = 1000.0, p: float = 2.0):
         super().__init__()
         self.weight, self.p = float(weight), float(p)
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         require_stage_maps(self, probe)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from difflib import get_close_matches
 from typing import Any, ClassVar, Optional
 
@@ -14,49 +14,105 @@ class IncompatiblePairError(ValueError):
     """The student and teacher cannot be paired by this method as they are."""
 
 
+TASKS = ("classification", "detection", "regression")
+
+
+@dataclass(frozen=True)
+class Reads:
+    """Everything a method reads, declared in one place; the recipe provides exactly this.
+
+    ``student_features`` / ``teacher_features``: "post" or "pre" stage outputs (None: no features);
+    ``logits``: the student's (and, with a teacher, the teacher's) logits; ``targets``, ``index``
+    (dataset indices of the samples), ``inputs`` (the batch's inputs) and ``input_grads`` (the
+    method differentiates the loss w.r.t. the inputs: they get ``requires_grad``); ``tasks``: the
+    tasks the method is implemented and tested for.
+    """
+
+    teacher: bool = True
+    student_features: Optional[str] = None
+    teacher_features: Optional[str] = None
+    logits: bool = True
+    targets: bool = False
+    index: bool = False
+    inputs: bool = False
+    input_grads: bool = False
+    tasks: tuple[str, ...] = ("classification",)
+
+    @property
+    def features(self) -> bool:
+        return self.student_features is not None or self.teacher_features is not None
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    """A method's own stage before distillation (AB's connectors, FT's paraphraser, FSP).
+
+    ``epochs`` of :meth:`DistillMethod.pretrain_losses` alone (no cross-entropy), optimising
+    :meth:`DistillMethod.pretrain_parameters` at ``lr`` (None: the run's base LR), constant;
+    ``student_train=False`` keeps the student in eval mode (its BatchNorm statistics fixed).
+    """
+
+    epochs: int
+    lr: Optional[float] = None
+    student_train: bool = True
+
+
+@dataclass
+class RunContext:
+    """What a method may know about the whole run at set-up (not per step)."""
+
+    num_samples: Optional[int] = None  # training samples; dataset indices are below it
+    train_targets: Optional[torch.Tensor] = None  # labels of the training samples (CPU)
+    num_classes: Optional[int] = None
+    teacher_bn: Optional[list] = None  # the BatchNorm before each teacher stage's final ReLU (or None)
+
+    @classmethod
+    def of(cls, value: "RunContext | dict | None") -> "RunContext":
+        if isinstance(value, RunContext):
+            return value
+        value = dict(value or {})
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown run context key(s) {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**value)
+
+
 @dataclass
 class Step:
     """Everything a method may read in one training step (or in the probe pass at set-up)."""
 
-    student_logits: torch.Tensor
+    student_logits: Optional[torch.Tensor]
     targets: Optional[torch.Tensor] = None
     teacher_logits: Optional[torch.Tensor] = None
     student_features: Optional[list[torch.Tensor]] = None  # shallow -> deep, pooled entry last
     teacher_features: Optional[list[torch.Tensor]] = None
     epoch: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. dataset indices
+    index: Optional[torch.Tensor] = None  # dataset indices of the batch's samples
+    inputs: Optional[dict[str, Any]] = None
     student_name: str = "student"
     teacher_name: str = "teacher"
 
 
 class DistillMethod(nn.Module):
-    """The losses a method adds to the student's cross-entropy.
+    """The losses a method adds to the student's task loss.
 
-    Subclasses set ``name`` and ``paper``, declare which feature taps they read
-    (``student_features`` / ``teacher_features``: "post", "pre" or None for logits only), build
-    their connectors in :meth:`setup` from one probe pass, and return ``{loss_name: tensor}``
-    (already weighted) from :meth:`forward`. Their parameters are trained with the student.
+    Subclasses set ``name``, ``paper`` and ``reads`` (what they read, see :class:`Reads`; an
+    instance may refine it in ``__init__`` from its options), build their connectors in
+    :meth:`setup` from one probe pass, and return ``{loss_name: tensor}`` (already weighted) from
+    :meth:`forward`. Their parameters are trained with the student. A method with its own stage
+    before distillation sets ``pretraining`` (see :class:`Pretraining`).
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    needs_teacher: ClassVar[bool] = True
+    reads: Reads = Reads()
     # Weight of the student's cross-entropy that the method's recipe uses (e.g. 0.1 for KD).
     ce_weight: ClassVar[float] = 1.0
-    student_features: Optional[str] = None
-    teacher_features: Optional[str] = None
+    pretraining: Optional[Pretraining] = None
 
-    # A method's own pre-training stage (e.g. AB's connector or FT's paraphraser): before the
-    # distillation epochs the trainer runs ``pretrain_epochs`` epochs that optimise only
-    # ``pretrain_parameters(student)`` on ``pretrain_losses`` (no cross-entropy).
-    pretrain_epochs: int = 0
-
-    def setup(self, probe: Step) -> None:
-        """Build connectors from the shapes of a probe pass (features on a dummy batch).
-
-        ``probe.extra`` holds the run's context (e.g. ``num_samples``, ``train_targets`` for
-        methods with a memory bank over the training set).
-        """
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
+        """Build connectors from the shapes of a probe pass (features on a dummy batch) and the
+        run's context (e.g. ``num_samples``, ``train_targets`` for a memory bank)."""
 
     def pretrain_parameters(self, student: nn.Module) -> list[nn.Parameter]:
         return list(self.parameters())

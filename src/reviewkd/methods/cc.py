@@ -33,6 +33,8 @@ computed from each rank's own batch, not from the gathered global batch.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 
 import torch
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .at import float32
-from .base import DistillMethod, Step, register_method
+from .base import DistillMethod, Reads, RunContext, Step, register_method
 from .kd import kd_loss
 
 
@@ -68,8 +70,7 @@ def cc_loss(z_s: torch.Tensor, z_t: torch.Tensor, gamma: float = 0.4, order: int
 class CC(DistillMethod):
     name = "cc"
     paper = "Peng et al., ICCV 2019: Correlation Congruence for Knowledge Distillation"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification',))
 
     def __init__(
         self,
@@ -84,10 +85,11 @@ class CC(DistillMethod):
         self.weight, self.gamma, self.order = float(weight), float(gamma), int(order)
         self.embed_dim = None if embed_dim is None else int(embed_dim)
         self.kd_weight, self.temperature = float(kd_weight), float(temperature)
+        self.reads = replace(self.reads, logits=self.kd_weight > 0)
         self.embed_s: nn.Module = nn.Identity()
         self.embed_t: nn.Module = nn.Identity()
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         if self.embed_dim is not None:
             self.embed_s = nn.Linear(probe.student_features[-1].shape[1], self.embed_dim)
             self.embed_t = nn.Linear(probe.teacher_features[-1].shape[1], self.embed_dim)

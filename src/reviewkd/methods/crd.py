@@ -43,14 +43,16 @@ and ``Z`` is estimated from the mean over ranks.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.distributed import gather_batch, mean_over_ranks
-from .base import DistillMethod, Step, register_method
+from ..collectives import gather_batch, mean_over_ranks
+from .base import DistillMethod, Reads, RunContext, Step, register_method
 from .kd import kd_loss
 
 _EPS = 1e-7  # the released code's constant in the NCE denominators
@@ -69,8 +71,7 @@ def nce_loss(p: torch.Tensor, num_samples: int) -> torch.Tensor:
 class CRD(DistillMethod):
     name = "crd"
     paper = "Tian, Krishnan, Isola, ICLR 2020: Contrastive Representation Distillation"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, index=True, tasks=('classification',))
 
     def __init__(
         self,
@@ -86,21 +87,21 @@ class CRD(DistillMethod):
         self.weight, self.feat_dim, self.nce_k = float(weight), int(feat_dim), int(nce_k)
         self.nce_t, self.nce_m = float(nce_t), float(nce_m)
         self.kd_weight, self.temperature = float(kd_weight), float(temperature)
+        self.reads = replace(self.reads, logits=self.kd_weight > 0)
         self.embed_s: nn.Linear | None = None
         self.embed_t: nn.Linear | None = None
 
-    def setup(self, probe: Step) -> None:
-        extra = probe.extra
-        if "train_targets" not in extra:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
+        if context.train_targets is None:
             raise ValueError(
                 "crd needs the training set's labels for its memory banks: pass "
                 "context={'num_samples': N, 'train_targets': labels, 'num_classes': C} to Distiller"
             )
-        labels = torch.as_tensor(extra["train_targets"], dtype=torch.long).flatten().cpu()
-        n = int(extra.get("num_samples", labels.numel()))
+        labels = torch.as_tensor(context.train_targets, dtype=torch.long).flatten().cpu()
+        n = int(context.num_samples or labels.numel())
         if labels.numel() != n:
             raise ValueError(f"crd: train_targets has {labels.numel()} labels but num_samples is {n}")
-        num_classes = int(extra.get("num_classes") or int(labels.max()) + 1)
+        num_classes = int(context.num_classes or int(labels.max()) + 1)
         counts = torch.bincount(labels, minlength=num_classes)
         fewest_negatives = int(n - counts.max())
         if fewest_negatives < 1:
@@ -135,7 +136,7 @@ class CRD(DistillMethod):
         return self.order[r + (r >= start) * count]
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
-        idx = step.extra.get("indices")
+        idx = step.index
         if idx is None:
             raise ValueError("crd needs the batch's dataset indices: call distiller(images, targets, indices=...)")
         idx = idx.to(self.memory_s.device, torch.long, non_blocking=True)

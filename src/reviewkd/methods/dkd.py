@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import DistillMethod, Step, register_method
+from .base import DistillMethod, Reads, RunContext, Step, register_method
 
 # beta of the authors' CIFAR-100 configs, (teacher, student) -> beta; other pairs use 8
 BENCHMARK_BETA: dict[tuple[str, str], float] = {
@@ -75,6 +75,7 @@ def dkd_loss(
 class DKD(DistillMethod):
     name = "dkd"
     paper = "Zhao, Cui, Song, Qiu, Liang, CVPR 2022: Decoupled Knowledge Distillation"
+    reads = Reads(logits=True, targets=True)
 
     def __init__(
         self,
@@ -89,7 +90,7 @@ class DKD(DistillMethod):
         self.beta = None if beta is None else float(beta)
         self.warmup_epochs = float(warmup_epochs)
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         if self.beta is None:
             self.beta = BENCHMARK_BETA.get((probe.teacher_name, probe.student_name), DEFAULT_BETA)
 

@@ -20,15 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .at import float32, match_spatial
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
 
 
 @register_method
 class FeatureMSE(DistillMethod):
     name = "feature_mse"
     paper = "Romero et al., ICLR 2015 (FitNets): hints with a 1x1 regressor on every level"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'detection', 'regression'))
 
     def __init__(self, weight: float = 1.0, levels: Sequence[int] | None = None):
         super().__init__()
@@ -39,7 +38,7 @@ class FeatureMSE(DistillMethod):
     def _pick(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         return features if self.levels is None else [features[i - 1] for i in self.levels]
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         s, t = probe.student_features, probe.teacher_features
         if len(s) != len(t):
             raise IncompatiblePairError(

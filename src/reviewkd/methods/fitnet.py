@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .at import float32
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
 
 
 class HintRegressor(nn.Module):
@@ -57,15 +57,14 @@ class HintRegressor(nn.Module):
 class FitNet(DistillMethod):
     name = "fitnet"
     paper = "Romero et al., ICLR 2015: FitNets: Hints for Thin Deep Nets"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'regression'))
 
     def __init__(self, weight: float = 100.0, hint_stage: int = 2):
         super().__init__()
         self.weight, self.hint_stage = float(weight), int(hint_stage)
         self.regressor: HintRegressor | None = None
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         n_s, n_t = len(probe.student_features) - 1, len(probe.teacher_features) - 1
         if not 1 <= self.hint_stage <= min(n_s, n_t):
             raise IncompatiblePairError(

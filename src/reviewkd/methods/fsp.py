@@ -26,8 +26,8 @@ Two stages, as in the paper and the benchmark code:
 1. Pre-training (``pretrain_epochs=30``): the FSP loss alone trains the student's layers (the
    benchmark trains the student's feature modules; here all student parameters are handed over
    and the classifier gets no gradient from this loss). Fresh SGD (momentum 0.9, weight decay
-   5e-4) at the run's base learning rate, constant (``pretrain_lr = None``), student layers in
-   train mode (``pretrain_student_eval = False``).
+   5e-4) at the run's base learning rate, constant (``Pretraining.lr = None``), student layers in
+   train mode (``student_train=True``).
 2. Distillation epochs: cross-entropy only. The benchmark script passes ``-b 50`` but its training
    loop sets the FSP term to zero, so ``weight=0.0`` by default; ``weight > 0`` keeps adding
    ``weight`` x FSP loss to the cross-entropy.
@@ -36,12 +36,11 @@ No batch-level statistics are involved, so DistributedDataParallel needs nothing
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, IncompatiblePairError, Pretraining, Reads, RunContext, Step, register_method
 from .vid import match_spatial, require_equal_stage_counts
 
 
@@ -70,20 +69,16 @@ class FSP(DistillMethod):
         "Yim, Joo, Bae, Kim, CVPR 2017: A Gift from Knowledge Distillation: Fast Optimization, "
         "Network Minimization and Transfer Learning"
     )
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'regression'))
     # Pre-training optimiser: None = the run's base learning rate (benchmark), constant.
-    pretrain_lr: ClassVar[Optional[float]] = None
-    # The benchmark trains the student's layers in train mode during pre-training.
-    pretrain_student_eval: ClassVar[bool] = False
 
     def __init__(self, weight: float = 0.0, pretrain_epochs: int = 30):
         super().__init__()
         self.weight = float(weight)
-        self.pretrain_epochs = int(pretrain_epochs)
+        self.pretraining = Pretraining(int(pretrain_epochs)) if pretrain_epochs > 0 else None
         self.num_stages = 0
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         n = require_equal_stage_counts(probe, "FSP")
         if n < 2:
             raise IncompatiblePairError(

@@ -30,8 +30,8 @@ Two stages, following the benchmark code:
    error of the teacher feature (the paper's L2 reconstruction loss; the authors' code uses L1),
    with a fresh SGD (momentum 0.9, weight decay 5e-4) at a constant learning rate of 0.01 (the
    benchmark's value for ResNet/WRN students; MobileNet/ShuffleNet students run at 0.01 anyway;
-   VGG and ResNet50 students would get the base 0.05): ``pretrain_lr = 0.01``. The student takes no
-   part and stays in eval mode (``pretrain_student_eval = True``).
+   VGG and ResNet50 students would get the base 0.05): ``Pretraining.lr = 0.01``. The student takes no
+   part and stays in eval mode (``student_train=False``).
 2. Distillation epochs: CE (weight 1.0) + ``weight`` x factor loss, ``weight=200`` (benchmark
    ``-b 200``; the authors' CIFAR-10 code uses 500 with the full factor). The paraphraser is frozen: the teacher factor is
    computed without gradients, so only the translator trains with the student.
@@ -40,13 +40,12 @@ No batch-level statistics besides the translator's BatchNorm (per-rank under Dis
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, IncompatiblePairError, Pretraining, Reads, RunContext, Step, register_method
 from .vid import match_spatial
 
 
@@ -100,21 +99,17 @@ def factor_loss(factor_s: torch.Tensor, factor_t: torch.Tensor, full: bool = Fal
 class FT(DistillMethod):
     name = "ft"
     paper = "Kim, Park, Kwak, NeurIPS 2018: Paraphrasing Complex Network: Network Compression via Factor Transfer"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'regression'))
     # Pre-training optimiser: constant learning rate 0.01 (benchmark), SGD momentum 0.9, wd 5e-4.
-    pretrain_lr: ClassVar[Optional[float]] = 0.01
-    # The student is not trained during pre-training and stays in eval mode (benchmark).
-    pretrain_student_eval: ClassVar[bool] = True
 
     def __init__(self, weight: float = 200.0, rate: float = 0.5, full_factor: bool = False, pretrain_epochs: int = 30):
         super().__init__()
         self.weight, self.rate, self.full_factor = float(weight), float(rate), bool(full_factor)
-        self.pretrain_epochs = int(pretrain_epochs)
+        self.pretraining = Pretraining(int(pretrain_epochs), lr=0.01, student_train=False) if pretrain_epochs > 0 else None
         self.paraphraser: Paraphraser | None = None
         self.translator: Translator | None = None
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         cs, ct = probe.student_features[-2].shape[1], probe.teacher_features[-2].shape[1]
         k = int(ct * self.rate)
         if k < 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import DistillMethod, Step, register_method
+from .base import DistillMethod, Reads, Step, register_method
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -23,6 +23,7 @@ class KD(DistillMethod):
     paper = "Hinton, Vinyals, Dean 2015: Distilling the Knowledge in a Neural Network"
     # The CIFAR-100 benchmark recipe (CRD / mdistiller): 0.1 CE + 0.9 KD at T=4.
     ce_weight = 0.1
+    reads = Reads(logits=True, tasks=("classification", "detection"))
 
     def __init__(self, weight: float = 0.9, temperature: float = 4.0):
         super().__init__()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .at import float32, match_spatial
-from .base import DistillMethod, Step, register_method, require_stage_maps
+from .base import DistillMethod, Reads, RunContext, Step, register_method, require_stage_maps
 
 
 def poly_kernel(a: torch.Tensor, b: torch.Tensor, degree: int = 2, c: float = 0.0) -> torch.Tensor:
@@ -47,14 +47,13 @@ def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 class NST(DistillMethod):
     name = "nst"
     paper = "Huang, Wang, 2017: Like What You Like: Knowledge Distill via Neuron Selectivity Transfer"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'regression'))
 
     def __init__(self, weight: float = 50.0):
         super().__init__()
         self.weight = float(weight)
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         require_stage_maps(self, probe)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:

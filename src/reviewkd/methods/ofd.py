@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..features import FeatureSpec, stage_batchnorms  # noqa: F401  (re-exported)
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
 
 
 @torch.no_grad()
@@ -76,8 +76,7 @@ def build_connector(s_channels: int, t_channels: int) -> nn.Sequential:
 class OFD(DistillMethod):
     name = "ofd"
     paper = "Heo et al., ICCV 2019: A Comprehensive Overhaul of Feature Distillation"
-    student_features = "pre"
-    teacher_features = "pre"
+    reads = Reads(student_features="pre", teacher_features="pre", logits=False, tasks=('classification', 'regression'))
 
     def __init__(self, weight: float = 1e-3):
         super().__init__()
@@ -85,9 +84,9 @@ class OFD(DistillMethod):
         self.connectors = nn.ModuleList()
         self.num_stages = 0
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         s_feats, t_feats = probe.student_features[:-1], probe.teacher_features[:-1]
-        bns: Sequence[nn.BatchNorm2d | None] | None = probe.extra.get("teacher_bn")
+        bns: Sequence[nn.BatchNorm2d | None] | None = context.teacher_bn
         if bns is None or len(bns) != len(t_feats):
             raise IncompatiblePairError(
                 "OFD needs the teacher's BatchNorm before each stage's final ReLU: the Distiller passes "
@@ -114,7 +113,7 @@ class OFD(DistillMethod):
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         n = self.num_stages
         s_feats, t_feats = step.student_features[:-1][-n:], step.teacher_features[:-1][-n:]
-        batch = step.student_logits.shape[0]
+        batch = step.student_features[0].shape[0]
         total = 0.0
         for i, (s, t) in enumerate(zip(s_feats, t_feats)):
             s = self.connectors[i](s)

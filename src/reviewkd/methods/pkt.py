@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .at import float32
-from .base import DistillMethod, Step, register_method
+from .base import DistillMethod, Reads, Step, register_method
 
 
 def cosine_conditional_probabilities(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -43,8 +43,7 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
 class PKT(DistillMethod):
     name = "pkt"
     paper = "Passalis, Tefas, ECCV 2018: Learning Deep Representations with Probabilistic Knowledge Transfer"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'regression'))
 
     def __init__(self, weight: float = 30000.0, eps: float = 1e-7):
         super().__init__()

@@ -1,10 +1,12 @@
 """Chen, Liu, Zhao, Jia, CVPR 2021: "Distilling Knowledge via Knowledge Review"."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..review import ReviewFusion, hcl_loss
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
 from .kd import kd_loss
 
 
@@ -29,7 +31,8 @@ class ReviewKD(DistillMethod):
 
     name = "reviewkd"
     paper = "Chen, Liu, Zhao, Jia, CVPR 2021: Distilling Knowledge via Knowledge Review"
-    teacher_features = "pre"
+    reads = Reads(teacher_features="pre", student_features="post", logits=False,
+                  tasks=("classification", "detection", "regression"))
 
     def __init__(
         self,
@@ -43,11 +46,11 @@ class ReviewKD(DistillMethod):
         super().__init__()
         self.weight, self.warmup_epochs = float(weight), float(warmup_epochs)
         self.mid_channels = mid_channels
-        self.student_features = "pre" if student_preact else "post"
         self.kd_weight, self.temperature = float(kd_weight), float(temperature)
+        self.reads = replace(self.reads, student_features="pre" if student_preact else "post", logits=self.kd_weight > 0)
         self.fusion: ReviewFusion | None = None
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         s, t = probe.student_features, probe.teacher_features
         if len(s) != len(t):
             raise IncompatiblePairError(

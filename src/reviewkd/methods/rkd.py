@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .at import float32
-from .base import DistillMethod, Step, register_method
+from .base import DistillMethod, Reads, Step, register_method
 
 
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -61,8 +61,7 @@ def rkd_losses(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-12) -> tupl
 class RKD(DistillMethod):
     name = "rkd"
     paper = "Park, Kim, Lu, Cho, CVPR 2019: Relational Knowledge Distillation"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'regression'))
 
     def __init__(self, weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()

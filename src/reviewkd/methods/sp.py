@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .at import float32
-from .base import DistillMethod, Step, register_method, require_stage_maps
+from .base import DistillMethod, Reads, RunContext, Step, register_method, require_stage_maps
 
 
 def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
@@ -39,14 +39,13 @@ def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 class SP(DistillMethod):
     name = "sp"
     paper = "Tung, Mori, ICCV 2019: Similarity-Preserving Knowledge Distillation"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'regression'))
 
     def __init__(self, weight: float = 3000.0):
         super().__init__()
         self.weight = float(weight)
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         require_stage_maps(self, probe)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DistillMethod, IncompatiblePairError, Step, register_method
+from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
 
 
 def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +75,7 @@ def _conv1x1(cin: int, cout: int) -> nn.Conv2d:
 class VID(DistillMethod):
     name = "vid"
     paper = "Ahn, Hu, Damianou, Lawrence, Dai, CVPR 2019: Variational Information Distillation for Knowledge Transfer"
-    student_features = "post"
-    teacher_features = "post"
+    reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification', 'regression'))
 
     def __init__(self, weight: float = 1.0, init_pred_var: float = 5.0, eps: float = 1e-5, mid_channels: int | None = None):
         super().__init__()
@@ -87,7 +86,7 @@ class VID(DistillMethod):
         self.regressors = nn.ModuleList()
         self.log_scales = nn.ParameterList()
 
-    def setup(self, probe: Step) -> None:
+    def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         n = require_equal_stage_counts(probe, "VID")
         # softplus(log_scale) + eps == init_pred_var at the start
         start = math.log(math.expm1(self.init_pred_var - self.eps))

@@ -1,0 +1,552 @@
+"""The one training loop, for every task and every recipe.
+
+A run: check everything cheap (config, method options, a probe of both architectures, the output
+folder) -> train the teacher first if its checkpoint is missing -> data -> networks -> the recipe's
+stages. Each stage runs iterations of the recipe's step over its optimiser groups (see
+``recipes/base.py`` for the backward / step rule), with one host sync every few iterations (progress
+and the non-finite check), a history row every ``log_period``, evaluation every ``eval_period``
+(the task's score picks ``best.pt``) and an atomic ``last.pt`` every ``checkpoint_period``.
+
+Kill-safety: ``best.pt`` is written before ``last.pt``, so a run killed between the two resumes
+from the older ``last.pt``, redoes the same iterations (deterministically with
+``runtime.deterministic``) and writes both again; temporary files of an interrupted write are
+removed at the next start.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from .. import collectives
+from ..config import Config, ConfigError, load_config, save_config
+from ..methods import method_class
+from ..models.summary import count_parameters
+from ..recipes.base import Group, Recipe, Stage
+from ..tasks import get_task
+from .checkpoint import FORMAT, atomic_save, load_checkpoint, remove_stale_temporaries, rng_state, set_rng_state
+from .metrics import MetricsLog
+from .runtime import autocast, init_distributed, resolve_precision, seed_everything
+from .schedule import RunSchedule
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, existing run without --resume, ...)."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C during a run; the message says truthfully what was saved."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    score_key: str
+    best_score: Optional[float]
+    metrics: dict  # the last evaluation
+    teacher_metrics: Optional[dict]
+    parameters: int
+    train_seconds: float
+    history: list[dict]
+
+
+def build_optimizer(group: Group, solver) -> torch.optim.Optimizer:
+    params = [p for p in group.params if p.requires_grad]
+    lr = solver.lr if group.lr is None else group.lr
+    kind = group.optimizer or solver.optimizer
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=solver.momentum, nesterov=solver.nesterov and solver.momentum > 0,
+                               weight_decay=solver.weight_decay, **group.options)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=solver.weight_decay, **group.options)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=solver.weight_decay, **group.options)
+
+
+@dataclass
+class _Optimiser:
+    group: Group
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    params: list[nn.Parameter]
+
+
+@dataclass
+class TeacherPlan:
+    """Where the teacher comes from: a checkpoint to load, or a config to train first."""
+
+    name: Optional[str] = None
+    checkpoint: Optional[Path] = None
+    config: Optional[Config] = None  # set when the teacher must be trained first
+
+    def describe(self) -> str:
+        if self.name is None:
+            return "no teacher"
+        if self.config is None:
+            return f"load {self.name} from {self.checkpoint}"
+        return (f"train {self.name} first from its config ({self.config.name}: {_length(self.config)}) into "
+                f"{self.config.run_dir}, then load its best.pt")
+
+
+def _length(cfg: Config) -> str:
+    return f"{cfg.detection.max_iter} iterations" if cfg.task == "detection" else f"{cfg.solver.epochs} epochs"
+
+
+def plan_teacher(cfg: Config) -> TeacherPlan:
+    """Decided from the config and the file system alone (cheap)."""
+    if not method_class(cfg.method.name).reads.teacher:
+        return TeacherPlan()
+    t = cfg.teacher
+    if t is None:
+        raise ConfigError(f"method {cfg.method.name!r} needs a teacher: add a 'teacher' section (name + checkpoint or config)")
+    path = Path(t.checkpoint) if t.checkpoint else None
+    if path is not None and path.is_file():
+        return TeacherPlan(t.name, path)
+    if t.config is None:
+        raise ConfigError(f"teacher checkpoint not found: {t.checkpoint}; train the teacher first or give teacher.config "
+                          "to train it" if t.checkpoint else "teacher needs a checkpoint or a config (teacher.checkpoint / "
+                          "teacher.config)")
+    tcfg = load_config(t.config)
+    best = tcfg.run_dir / "best.pt"
+    if best.is_file() and _finished(tcfg.run_dir / "last.pt"):
+        return TeacherPlan(t.name, path if path is not None and path.is_file() else best)
+    return TeacherPlan(t.name, best, tcfg)
+
+
+def _finished(last: Path) -> bool:
+    try:
+        return bool(load_checkpoint(last)["done"])
+    except Exception:
+        return False
+
+
+class Run:
+    """One training run of a config. ``stop_after`` counts epochs (iterations for iteration-based
+    tasks) of the main stage; the run can be continued with ``resume=True``."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: Optional[int] = None):
+        self.cfg, self.resume, self.progress, self.stop_after = cfg, resume, progress, stop_after
+        self.task = get_task(cfg.task)
+        self.task.check_config(cfg)
+        self.dist, self.device = init_distributed(cfg.runtime.device)
+        self.precision = resolve_precision(cfg.runtime.precision, self.device)
+        self.run_dir = cfg.run_dir
+        self._check_run_dir()
+        self.teacher_plan = plan_teacher(cfg)
+        self.probe = self._probe_architectures()
+
+    # ------------------------------------------------------------ cheap checks
+    def _check_run_dir(self) -> None:
+        last = self.run_dir / "last.pt"
+        if self.resume and not last.is_file():
+            raise TrainingError(f"cannot resume: {last} does not exist (start the run without --resume)")
+        if not self.resume and last.is_file():
+            raise TrainingError(
+                f"{self.run_dir} already holds a run: add --resume to continue it, or choose another name (name=...)"
+            )
+        existing = self.run_dir
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not _writable(existing):
+            raise TrainingError(f"cannot write the run folder {self.run_dir} ({existing} is not a writable folder): "
+                                "choose another output_dir")
+
+    def _probe_architectures(self) -> Recipe:
+        """Both architectures (no weights) and the recipe on a dummy batch: pairing errors now."""
+        cfg, task = self.cfg, self.task
+        num = task.num_outputs(cfg)
+        student = task.build_model(cfg.model.name, cfg, num)
+        teacher = None
+        if self.teacher_plan.name is not None:
+            teacher = task.build_teacher(self.teacher_plan.name, cfg, num, None)
+        try:
+            return task.build_recipe(cfg, student, teacher, task.probe_size(cfg), _probe_context(cfg, num))
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.name}: {exc}") from None
+
+    def describe(self) -> str:
+        """The resolved config, both models, the method's feature pairs and the teacher plan."""
+        cfg, recipe = self.cfg, self.probe
+        lines = ["# resolved config", cfg.to_yaml().rstrip(), "", "# models"]
+        lines.append(f"student  {cfg.model.name}: {count_parameters(recipe.deployable()):,} parameters")
+        teacher = getattr(recipe, "teacher", None)
+        if teacher is not None:
+            lines.append(f"teacher  {cfg.teacher.name}: {count_parameters(teacher):,} parameters")
+        method = getattr(recipe, "method", None)
+        if method is not None:
+            extra = count_parameters(method)
+            lines += ["", f"# method {cfg.method.name} (reads {_reads(method.reads)}; {extra:,} trainable parameters "
+                          "of its own)"]
+            for i, (s, t) in enumerate(recipe.feature_pairs()):
+                lines.append(f"entry {i + 1}: student {s} -> teacher {t}")
+        stages = ", ".join(f"{s.name} ({s.epochs} epochs)" if s.epochs else s.name for s in recipe.stages())
+        lines += ["", f"# stages: {stages}", f"# teacher: {self.teacher_plan.describe()}",
+                  f"# output: {self.run_dir}", f"# device {self.device}, precision {self.precision}"]
+        return "\n".join(lines)
+
+    # --------------------------------------------------------------- set-up
+    def _say(self, text: str) -> None:
+        if not self.dist.is_main:
+            return
+        if self.progress:
+            tqdm.write(text)
+        if self.run_dir.is_dir():
+            with open(self.run_dir / "train.log", "a") as f:
+                f.write(text + "\n")
+
+    def _teacher(self, num_outputs: int) -> Optional[nn.Module]:
+        plan = self.teacher_plan
+        if plan.name is None:
+            return None
+        if plan.config is not None:
+            self._say(f"teacher checkpoint missing: {plan.describe()}")
+            resume = (plan.config.run_dir / "last.pt").is_file()
+            Run(plan.config, resume=resume, progress=self.progress).fit()
+        return self.task.build_teacher(plan.name, self.cfg, num_outputs, plan.checkpoint).to(self.device)
+
+    def _build(self) -> None:
+        cfg, task = self.cfg, self.task
+        # Every component seeds its own stream: the student starts from the same weights whether
+        # or not a teacher was trained first in this process.
+        seed_everything(cfg.seed, cfg.runtime.deterministic)
+        self.data = task.build_data(cfg, self.device, self.dist.rank, self.dist.world_size)
+        self.teacher = self._teacher(self.data.num_outputs)
+        seed_everything(cfg.seed, cfg.runtime.deterministic)
+        student = task.build_model(cfg.model.name, cfg, self.data.num_outputs)
+        if cfg.model.weights:
+            from ..models import load_weights
+
+            load_weights(student, cfg.model.weights)
+        self.recipe = task.build_recipe(cfg, student, self.teacher, self.data.input_size, self.data.context).to(self.device)
+        if cfg.runtime.channels_last and task.name != "detection":
+            self.recipe.to(memory_format=torch.channels_last)
+        self.stages = self.recipe.stages()
+        self.schedule = task.schedule(cfg, self.data.steps_per_epoch)
+        self.optimisers: dict[str, _Optimiser] = {}
+        for stage in self.stages:
+            for group in self.recipe.groups(stage):
+                self.optimisers[group.name] = self._optimiser(group)
+        self.step_fn = torch.compile(self.recipe) if cfg.runtime.compile else self.recipe
+        self.eval_model = torch.compile(self.recipe.deployable()) if cfg.runtime.compile else self.recipe.deployable()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.stage_index, self.stage_iteration = 0, 0
+        self.best_score: Optional[float] = None
+        self.metrics: dict = {}
+        self.teacher_metrics: Optional[dict] = None
+        self.history: list[dict] = []
+        self._rng: Optional[dict] = None
+        if self.resume:
+            self._load_last()
+        collectives.broadcast_state_dicts(self.recipe.trained_state())
+
+    def _optimiser(self, group: Group) -> _Optimiser:
+        optimizer = build_optimizer(group, self.cfg.solver)
+        factor = self.schedule.lr_factor if group.schedule == "solver" else (lambda it: 1.0)
+        params = [p for p in group.params if p.requires_grad]
+        return _Optimiser(group, optimizer, LambdaLR(optimizer, factor), params)
+
+    # ----------------------------------------------------------- checkpoints
+    def _stage_length(self, stage: Stage) -> int:
+        return self.schedule.total if stage.epochs is None else stage.epochs * self.data.steps_per_epoch
+
+    def _state(self, done: bool) -> dict:
+        main = self.stage_index == len(self.stages) - 1
+        iteration = self.stage_iteration if main else 0
+        return {
+            "format": FORMAT, "task": self.task.name, "done": done,
+            "stage": self.stage_index, "stage_iteration": self.stage_iteration,
+            "stage_name": self.stages[self.stage_index].name, "unit": self.schedule.x_key,
+            "position": self._position_value(),
+            "iteration": iteration, "epoch": _units(iteration, self.schedule.unit),
+            "model_name": self.cfg.model.name, "method_name": self.cfg.method.name, **self.data.meta,
+            **self.recipe.trained_state(),
+            "optimizers": {k: o.optimizer.state_dict() for k, o in self.optimisers.items()},
+            "schedulers": {k: o.scheduler.state_dict() for k, o in self.optimisers.items()},
+            "scaler": self.scaler.state_dict(),
+            "score_key": self.task.score_key, "best_score": self.best_score, "metrics": self.metrics,
+            "teacher_metrics": self.teacher_metrics, "history": self.history,
+            "rng": rng_state(), "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def _save(self, is_best: bool, done: bool = False) -> None:
+        collectives.broadcast_state_dicts(self.recipe.trained_state())  # rank 0's BatchNorm statistics
+        if not self.dist.is_main:
+            return
+        state = self._state(done)
+        if is_best:  # best first: see the module docstring
+            atomic_save(state, self.run_dir / "best.pt")
+        atomic_save(state, self.run_dir / "last.pt")
+
+    def _load_last(self) -> None:
+        path = self.run_dir / "last.pt"
+        ckpt = load_checkpoint(path)
+        if (ckpt.get("task"), ckpt["model_name"], ckpt["method_name"]) != (self.task.name, self.cfg.model.name,
+                                                                            self.cfg.method.name):
+            raise TrainingError(
+                f"{path} is a {ckpt['model_name']}/{ckpt['method_name']} run, the config asks for "
+                f"{self.cfg.model.name}/{self.cfg.method.name}: resume with the config it was started with"
+            )
+        try:
+            self.recipe.load_trained_state(ckpt)
+        except RuntimeError as exc:
+            raise TrainingError(f"{path} does not fit the config's networks: {str(exc).splitlines()[0][:300]}") from None
+        for name, o in self.optimisers.items():
+            o.optimizer.load_state_dict(ckpt["optimizers"][name])
+            o.scheduler.load_state_dict(ckpt["schedulers"][name])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.stage_index, self.stage_iteration = ckpt["stage"], ckpt["stage_iteration"]
+        self.best_score, self.metrics = ckpt["best_score"], ckpt["metrics"]
+        self.teacher_metrics, self.history = ckpt["teacher_metrics"], list(ckpt["history"])
+        self._rng = ckpt["rng"]  # restored once the data stream exists (creating it may draw from the RNG)
+        saved = ckpt["config"].get("solver", {})
+        changed = [k for k, v in self.cfg.solver.model_dump(mode="json").items() if k != "epochs" and saved.get(k) != v]
+        if changed:
+            self._say(f"note: solver settings {changed} differ from the checkpoint; the optimizer and LR schedule "
+                      "continue from the checkpoint's state (start a new run to change them)")
+        self._say(f"resuming {self.run_dir} at {self._position()}")
+
+    def _position_value(self):
+        if self.schedule.x_key == "iteration":
+            return self.stage_iteration
+        return _units(self.stage_iteration, self.data.steps_per_epoch)
+
+    def _position(self) -> str:
+        return f"{self.stages[self.stage_index].name} {self.schedule.x_key} {self._position_value()}"
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> RunResult:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.run_dir)
+        self._build()
+        cfg = self.cfg
+        if self.dist.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        log = MetricsLog(self.run_dir, self.history, x_key=self.schedule.x_key, scores=self.task.curve_scores,
+                         score_axis=self.task.score_axis) if self.dist.is_main else None
+        n_params = count_parameters(self.recipe.deployable())
+        self._say(f"{cfg.name}: {cfg.model.name} ({n_params / 1e6:.2f}M parameters), method {cfg.method.name}, "
+                  f"{self.data.num_train} training samples, device {self.device}, precision {self.precision}, "
+                  f"{self.dist.world_size} process(es), {self._plan_text()}")
+        teacher = getattr(self.recipe, "teacher", None)
+        if teacher is not None and self.teacher_metrics is None:
+            self.teacher_metrics = self.task.evaluate(teacher, self.data, self.device, self.precision, self._bars())
+            self._say(f"teacher {cfg.teacher.name}: {self.task.describe(self.teacher_metrics)}")
+
+        start = time.perf_counter()
+        try:
+            while self.stage_index < len(self.stages):
+                if not self._run_stage(log):
+                    break  # stopped early (stop_after)
+                self.stage_index, self.stage_iteration = self.stage_index + 1, 0
+        except KeyboardInterrupt:
+            last = self.run_dir / "last.pt"
+            raise Interrupted(
+                f"interrupted; {last} (at {_describe_checkpoint(last)}) is kept: continue with --resume"
+                if last.is_file() else "interrupted before the first checkpoint: nothing was saved"
+            ) from None
+        finally:
+            if log is not None:
+                log.close()
+            collectives.barrier()  # every rank leaves with the files written (e.g. a teacher's best.pt)
+        self.stage_index = min(self.stage_index, len(self.stages) - 1)
+        return RunResult(self.run_dir, self.task.score_key, self.best_score, self.metrics, self.teacher_metrics,
+                         n_params, time.perf_counter() - start, self.history)
+
+    def _plan_text(self) -> str:
+        parts = [f"{s.name}: {self._stage_length(s)} iterations" for s in self.stages]
+        return ", ".join(parts)
+
+    def _bars(self) -> bool:
+        return self.progress and self.dist.is_main
+
+    def _run_stage(self, log: Optional[MetricsLog]) -> bool:
+        """Iterations of the current stage from ``stage_iteration``; False when stopped early."""
+        stage = self.stages[self.stage_index]
+        main = self.stage_index == len(self.stages) - 1
+        total, spe, sched = self._stage_length(stage), self.data.steps_per_epoch, self.schedule
+        if self.stage_iteration >= total:
+            return True
+        groups = [self.optimisers[g.name] for g in self.recipe.groups(stage)]
+        params = [p for o in groups for p in o.params]
+        # Earlier stages draw their batches from other seeds than the main stage's epochs.
+        stream = self.data.train_batches(self.stage_iteration, 0 if main else -(1 + self.stage_index) * 1_000_000)
+        if self._rng is not None:
+            set_rng_state(self._rng)
+            self._rng = None
+        stop = total
+        if self.stop_after is not None and main:
+            stop = min(total, self.stop_after * sched.unit)
+        log_period = sched.log_period if main else spe
+        checkpoint_period = sched.checkpoint_period if main else spe
+        eval_period = sched.eval_period if (main and stage.evaluated) else 0
+        sync_every = max(1, min(50, log_period // 4 or 1))
+
+        self.recipe.train()
+        self.recipe.enter_stage(stage)
+        bar = tqdm(total=total, initial=self.stage_iteration, desc=f"{self.cfg.name} {stage.name}", leave=False,
+                   dynamic_ncols=True, disable=None if self._bars() else True)
+        sums: dict[str, torch.Tensor] = {}
+        window, seen, window_start = 0, 0, time.perf_counter()
+        lr = groups[0].optimizer.param_groups[0]["lr"]
+        try:
+            while self.stage_iteration < stop:
+                it = self.stage_iteration
+                batch = next(stream)
+                # epoch-based recipes see whole epochs (as the released scripts), iteration-based ones fractions
+                epoch = float(it // spe) if sched.x_key == "epoch" else it / spe
+                with autocast(self.device, self.precision):
+                    out = self.step_fn(batch, stage, epoch)
+                self._backward_and_step(groups, params, out.losses)
+                self.stage_iteration = it = it + 1
+                bar.update(1)
+                self._accumulate(sums, out, batch)
+                window += 1
+                seen += len(batch)
+                if window % sync_every == 0 or it % log_period == 0 or it == stop:
+                    # the loop's only host sync: progress display and the non-finite check
+                    total_loss = sums["loss_total"].item() / window
+                    if not math.isfinite(total_loss):
+                        self._non_finite(total_loss, stage, it, total)
+                    rate = seen * self.dist.world_size / (time.perf_counter() - window_start)
+                    bar.set_postfix({"loss": f"{total_loss:.3f}", "samples/s": f"{rate:.0f}"})
+                end_of_row = it % log_period == 0 or it == stop
+                evaluate = stage.evaluated and main and ((eval_period and it % eval_period == 0) or it == total)
+                save = it % checkpoint_period == 0 or it == total or it == stop
+                if not (end_of_row or save or evaluate):
+                    continue
+                row = self._row(stage, it, lr, sums, window, seen, time.perf_counter() - window_start)
+                is_best = False
+                if evaluate:
+                    collectives.broadcast_state_dicts(self.recipe.trained_state())
+                    self.metrics = self.task.evaluate(self.eval_model, self.data, self.device, self.precision, self._bars())
+                    self.metrics.update(self.recipe.extra_metrics(
+                        lambda m: self.task.evaluate(m, self.data, self.device, self.precision)))
+                    row.update(self.metrics)
+                    score = self.metrics[self.task.score_key]
+                    is_best = self.task.better(score, self.best_score)
+                    if is_best:
+                        self.best_score = score
+                if stage.logged:
+                    self.history.append(row)
+                    if log is not None:
+                        log.add(row)
+                self._say(self._row_text(stage, row, total))
+                if save or is_best:
+                    self._save(is_best, done=main and it == total)
+                sums, window, seen, window_start = {}, 0, 0, time.perf_counter()
+                lr = groups[0].optimizer.param_groups[0]["lr"]
+        finally:
+            bar.close()
+        return self.stage_iteration >= total
+
+    def _backward_and_step(self, groups: list[_Optimiser], params, losses: dict) -> None:
+        """Zero a group's gradients, then its backward pass, in the recipe's order; then step all."""
+        for i, o in enumerate(groups):
+            o.optimizer.zero_grad(set_to_none=True)
+            loss = sum(losses[o.group.name].values())
+            if torch.is_tensor(loss) and loss.requires_grad:
+                self.scaler.scale(loss).backward(retain_graph=i + 1 < len(groups))
+        collectives.average_gradients(params)
+        for o in groups:
+            clip = o.group.clip if o.group.clip is not None else self.cfg.solver.clip_grad_norm
+            if clip is not None:
+                self.scaler.unscale_(o.optimizer)
+                nn.utils.clip_grad_norm_(o.params, clip)
+            self.scaler.step(o.optimizer)
+        self.scaler.update()
+        for o in groups:
+            o.scheduler.step()
+
+    def _accumulate(self, sums: dict, out, batch) -> None:
+        several = len(out.losses) > 1
+        total = 0.0
+        for group, terms in out.losses.items():
+            for name, value in terms.items():
+                key = f"loss_{group}_{name}" if several else f"loss_{name}"
+                value = value.detach().float()
+                sums[key] = sums.get(key, 0.0) + value
+                total = total + value
+        sums["loss_total"] = sums.get("loss_total", 0.0) + total
+        for name, value in self.task.train_stats(out.outputs, batch).items():
+            sums[f"stat_{name}"] = sums.get(f"stat_{name}", 0.0) + value.detach().float()
+
+    def _row(self, stage: Stage, it: int, lr: float, sums: dict, window: int, seen: int, seconds: float) -> dict:
+        keys = sorted(sums)
+        stats = collectives.sum_over_ranks(torch.stack([sums[k] for k in keys] + [torch.tensor(
+            float(seen), device=self.device)]).double())
+        values = dict(zip(keys, stats[:-1].tolist()))
+        count = stats[-1].item()
+        world = self.dist.world_size
+        spe = self.data.steps_per_epoch
+        if self.schedule.x_key == "iteration":
+            row = {"iteration": it, "epoch": round(it / spe, 3)}
+        else:
+            row = {"epoch": _units(it, spe), "iteration": it}
+        row["lr"] = lr
+        row.update({k: v / (window * world) for k, v in values.items() if k.startswith("loss_")})
+        row.update(self.task.train_metrics({k[5:]: v for k, v in values.items() if k.startswith("stat_")}, int(count)))
+        row["seconds"] = seconds
+        return row
+
+    def _row_text(self, stage: Stage, row: dict, total: int) -> str:
+        x = self.schedule.x_key
+        where = (f"iteration {row['iteration']}/{total}" if x == "iteration"
+                 else f"{'epoch' if stage.logged else stage.name + ' epoch'} {row['epoch']}/{_units(total, self.data.steps_per_epoch)}")
+        parts = [f"{where}: loss {row['loss_total']:.4f}"]
+        parts += [f"{k} {v:.2f}%" for k, v in row.items() if k.startswith("train_") and isinstance(v, float)]
+        if self.task.score_key in row:
+            parts.append(self.task.describe(row) + f" (best {self.best_score:.2f})")
+        parts.append(f"{row['seconds']:.1f}s")
+        return ", ".join(parts)
+
+    def _non_finite(self, value: float, stage: Stage, it: int, total: int) -> None:
+        last = self.run_dir / "last.pt"
+        saved = f"The last good checkpoint is {last}" if last.is_file() else "No checkpoint was written yet"
+        hint = "lower solver.lr" + (", or try runtime.precision=fp32" if self.precision != "fp32" else "")
+        spe = self.data.steps_per_epoch
+        if self.schedule.x_key == "iteration":
+            where = f"at iteration {it}"
+        else:
+            epoch = (it - 1) // spe + 1
+            where = f"in {'' if stage.logged else stage.name + ' '}epoch {epoch}/{_units(total, spe)} (step {it - (epoch - 1) * spe})"
+        raise TrainingError(f"loss became {value} {where}; stopped. {saved}: {hint}")
+
+
+def _units(iteration: int, unit: int):
+    return iteration // unit if iteration % unit == 0 else round(iteration / unit, 3)
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _probe_context(cfg: Config, num_outputs: int):
+    """A stand-in run context for the architecture probe (no data read yet)."""
+    from ..methods import RunContext
+
+    n = max(2 * num_outputs, 2)
+    return RunContext(num_samples=n, train_targets=torch.arange(n) % max(num_outputs, 2), num_classes=num_outputs)
+
+
+def _reads(reads) -> str:
+    parts = [f"{side} {kind} features" for side, kind in (("student", reads.student_features),
+                                                          ("teacher", reads.teacher_features)) if kind]
+    parts += [name for name in ("logits", "targets", "index", "inputs", "input_grads") if getattr(reads, name)]
+    return ", ".join(parts) or "nothing"
+
+
+def _describe_checkpoint(path: Path) -> str:
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception:
+        return "an unreadable state"
+    return f"{ckpt['stage_name']} {ckpt['unit']} {ckpt['position']}"

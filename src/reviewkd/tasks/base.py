@@ -1,0 +1,118 @@
+"""What a task is: its data, the student's own loss, evaluation (and the score that picks
+``best.pt``), and the pieces of export. The loop and the recipes know tasks only through this."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..batch import Batch
+from ..engine.schedule import RunSchedule  # noqa: F401  (tasks return it)
+from ..methods import RunContext
+
+
+@dataclass
+class TaskData:
+    """A task's data for one run. ``train_batches(start, seed_epoch)`` yields endless training
+    batches from iteration ``start``; ``seed_epoch(e)`` maps a pass over the data to the loader's
+    epoch seed (earlier stages of a recipe use other seeds than the main one)."""
+
+    train: Any
+    test: Any
+    steps_per_epoch: int
+    input_size: tuple[int, ...]
+    num_outputs: int
+    context: RunContext
+    meta: dict = field(default_factory=dict)  # saved in checkpoints: what rebuilding the model needs
+    num_train: int = 0
+    num_test: int = 0
+
+    def train_batches(self, start: int, epoch_offset: int = 0) -> Iterator[Batch]:
+        epoch, skip = divmod(start, self.steps_per_epoch)
+        while True:
+            self.train.set_epoch(epoch + epoch_offset)
+            for i, batch in enumerate(self.train):
+                if i >= skip:
+                    yield batch
+            epoch, skip = epoch + 1, 0
+
+
+class Task:
+    """Base of the tasks; see classification.py for the reference implementation."""
+
+    name: str = ""
+    score_key: str = ""  # the metric that picks best.pt
+    score_label: str = ""  # how a person reads it ("top-1", "box AP", "MAE")
+    higher_is_better: bool = True
+    curve_scores: dict[str, str] = {}  # metrics plotted on the right of curves.png
+    score_axis: Optional[str] = None
+
+    # ---------------------------------------------------------------- cheap
+    def check_config(self, cfg) -> None:
+        """Refuse settings this task would silently ignore (before anything expensive)."""
+
+    def num_outputs(self, cfg) -> int:
+        """Classes (or outputs) of the model, known without reading the data."""
+        raise NotImplementedError
+
+    def probe_size(self, cfg) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def build_model(self, name: str, cfg, num_outputs: int) -> nn.Module:
+        raise NotImplementedError
+
+    def build_teacher(self, name: str, cfg, num_outputs: int, weights) -> nn.Module:
+        """The frozen teacher network with ``weights`` (a path or a state dict) loaded."""
+        raise NotImplementedError
+
+    def build_recipe(self, cfg, student: nn.Module, teacher: nn.Module | None, input_size, context):
+        raise NotImplementedError
+
+    def schedule(self, cfg, steps_per_epoch: int) -> RunSchedule:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ expensive
+    def build_data(self, cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> TaskData:
+        raise NotImplementedError
+
+    def train_stats(self, outputs: torch.Tensor | None, batch: Batch) -> dict[str, torch.Tensor]:
+        """Sums over the batch that make training metrics (no host sync); see ``train_metrics``."""
+        return {}
+
+    def train_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        return {}
+
+    def evaluate(self, model: nn.Module, data: TaskData, device, precision: str, progress: bool = False) -> dict[str, float]:
+        raise NotImplementedError
+
+    def build_eval_data(self, cfg, device) -> TaskData:
+        """What evaluating a checkpoint needs (by default the run's data)."""
+        return self.build_data(cfg, device)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        """One line of the metrics a person wants to see."""
+        return f"{self.score_label} {metrics[self.score_key]:.2f}"
+
+    def better(self, score: float, best: Optional[float]) -> bool:
+        if best is None or not math.isfinite(best):
+            return math.isfinite(score)
+        return score > best if self.higher_is_better else score < best
+
+    # ---------------------------------------------------------------- export
+    export_formats: tuple[str, ...] = ("pt", "safetensors", "torchscript", "onnx")
+
+    def rebuild(self, meta: dict, cfg, export: bool = True) -> nn.Module:
+        """The bare deployable network of a checkpoint, without weights, in eval mode."""
+        raise NotImplementedError
+
+    def sample_inputs(self, meta: dict, cfg):
+        raise NotImplementedError
+
+    def run_exported(self, model, inputs):
+        return model(inputs)
+
+    def output_difference(self, expected, got) -> float:
+        return (torch.as_tensor(got).float() - expected.float()).abs().max().item()

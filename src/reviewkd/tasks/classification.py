@@ -1,0 +1,116 @@
+"""Image classification: integer labels, cross-entropy, top-1 / top-5 accuracy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..batch import Batch
+from ..collectives import sum_over_ranks
+from ..data import build_datasets
+from ..engine.runtime import autocast
+from ..methods import RunContext
+from ..models import create_model, load_weights
+from ..recipes.distill import Distiller
+from .base import RunSchedule, Task, TaskData
+
+_NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+@torch.inference_mode()
+def accuracy_stats(model: nn.Module, loader, device, precision: str) -> torch.Tensor:
+    """[correct top-1, correct top-5, summed cross-entropy, count] on this process's shard."""
+    stats = torch.zeros(4, device=device, dtype=torch.float64)
+    for batch in loader:
+        with autocast(device, precision):
+            logits = model(batch.image)
+        logits, targets = logits.float(), batch.targets
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        stats += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), F.cross_entropy(logits, targets, reduction="sum"),
+                              torch.tensor(len(targets), device=device)]).double()
+    return stats
+
+
+def evaluate_classifier(model: nn.Module, loader, device, precision: str) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over every process's shard; one sync."""
+    was_training = model.training
+    model.eval()
+    c1, c5, loss, n = sum_over_ranks(accuracy_stats(model, loader, device, precision)).tolist()
+    model.train(was_training)
+    n = max(n, 1.0)
+    return {"test_top1": 100.0 * c1 / n, "test_top5": 100.0 * c5 / n, "test_loss": loss / n}
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    score_key, score_label, higher_is_better = "test_top1", "top-1", True
+    curve_scores = {"test_top1": "test top-1"}
+
+    def num_outputs(self, cfg) -> int:
+        d = cfg.data
+        if d.name in _NUM_CLASSES:
+            return _NUM_CLASSES[d.name]
+        train = Path(d.root or "") / "train"
+        if d.root is None or not train.is_dir():
+            raise FileNotFoundError(f"the imagefolder dataset needs data.root with train/<class>/ and val/<class>/ "
+                                    f"folders (got {d.root})")
+        return sum(1 for p in train.iterdir() if p.is_dir())
+
+    def probe_size(self, cfg) -> tuple[int, ...]:
+        return (3, cfg.data.image_size, cfg.data.image_size) if cfg.data.name == "imagefolder" else (3, 32, 32)
+
+    def build_model(self, name: str, cfg, num_outputs: int) -> nn.Module:
+        return create_model(name, num_classes=num_outputs)
+
+    def build_teacher(self, name: str, cfg, num_outputs: int, weights) -> nn.Module:
+        model = create_model(name, num_classes=num_outputs)
+        return model if weights is None else load_weights(model, weights)
+
+    def recipe_options(self, cfg) -> dict:
+        m = cfg.method
+        return dict(ce_weight=m.ce_weight, student_stages=m.student_stages, teacher_stages=m.teacher_stages,
+                    pretrain_lr=cfg.solver.pretrain_lr, task=self.name, **m.options)
+
+    def build_recipe(self, cfg, student, teacher, input_size, context: RunContext):
+        return Distiller(student, teacher, cfg.method.name, input_size=input_size, context=context,
+                         **self.recipe_options(cfg))
+
+    def schedule(self, cfg, steps_per_epoch: int) -> RunSchedule:
+        s = cfg.solver
+        return RunSchedule(unit=steps_per_epoch, length=s.epochs, kind=s.schedule, milestones=tuple(s.milestones),
+                           gamma=s.gamma, warmup=s.warmup_epochs, eval_period=cfg.runtime.eval_every * steps_per_epoch,
+                           checkpoint_period=steps_per_epoch, log_period=steps_per_epoch, x_key="epoch")
+
+    def build_data(self, cfg, device, rank: int = 0, world_size: int = 1) -> TaskData:
+        d = cfg.data
+        # Full training batches only: a last batch of one image would break BatchNorm.
+        b = build_datasets(d.name, d.root, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, device=device,
+                           seed=cfg.seed, rank=rank, world_size=world_size, subset=d.subset, augment=d.augment,
+                           drop_last=True, channels_last=cfg.runtime.channels_last, workers=d.workers,
+                           image_size=d.image_size)
+        context = RunContext(num_samples=b.num_samples, train_targets=b.train_targets, num_classes=b.num_classes)
+        meta = {"num_classes": b.num_classes, "input_size": list(b.input_size),
+                "class_names": list(b.class_names) if b.class_names else None}
+        return TaskData(b.train, b.test, len(b.train), tuple(b.input_size), b.num_classes, context, meta,
+                        num_train=b.num_samples)
+
+    def train_stats(self, outputs, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"correct": (outputs.argmax(dim=1) == batch.targets).sum()}
+
+    def train_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        return {"train_top1": 100.0 * sums["correct"] / max(count, 1)}
+
+    def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False) -> dict[str, float]:
+        return evaluate_classifier(model, data.test, device, precision)
+
+    def describe(self, m: dict[str, float]) -> str:
+        return f"top-1 {m['test_top1']:.2f}% (top-5 {m['test_top5']:.2f}%)"
+
+    # ---------------------------------------------------------------- export
+    def rebuild(self, meta: dict, cfg, export: bool = True) -> nn.Module:
+        return create_model(meta["model_name"], num_classes=meta["num_classes"]).eval()
+
+    def sample_inputs(self, meta: dict, cfg):
+        return torch.randn(4, *meta["input_size"], generator=torch.Generator().manual_seed(0))
