@@ -15,7 +15,7 @@ import yaml
 
 from reviewkd.cli import main
 from reviewkd.config import load_config
-from reviewkd.distiller import Distiller
+from reviewkd import Distiller
 from reviewkd.engine.checkpoint import load_checkpoint
 from reviewkd.methods import list_methods
 from reviewkd.models import create_model, list_models, model_family
@@ -137,14 +137,14 @@ def test_eval_prints_table_with_top1(runs, capsys):
     assert rc == 0, err
     lines = [ln for ln in out.splitlines() if ln.strip()]
     header = lines[0].split()
-    assert {"checkpoint", "model", "epoch", "top1", "top5", "loss"} <= set(header)
+    assert {"checkpoint", "model", "epoch", "test_top1", "test_top5", "test_loss"} <= set(header)
     row = lines[-1].split()
     assert len(row) == len(header)
     values = dict(zip(header, row))
     assert values["model"] == "resnet8" and values["epoch"] == "1"
     # Same images, same weights, fp32: the accuracy logged at the end of training (within one image).
     logged = load_checkpoint(run_dir / "last.pt")["history"][-1]["test_top1"]
-    assert abs(float(values["top1"]) - logged) <= 100.0 / 256 + 1e-6
+    assert abs(float(values["test_top1"]) - logged) <= 100.0 / 256 + 1e-6
     assert snapshot(runs["root"]) == before
 
 
@@ -393,13 +393,13 @@ def test_exploding_learning_rate_stops_and_keeps_last_checkpoint(tiny_config, tm
 def test_nan_loss_on_a_fresh_run_claims_no_checkpoint(tiny_config, tmp_path, capsys, monkeypatch):
     """A loss that is NaN from the first step: nothing good was ever saved, and the message must
     not send the user to a checkpoint that does not exist."""
-    forward = Distiller.forward
+    losses_of = Distiller.losses
 
-    def nan_forward(self, *args, **kwargs):
-        logits, losses = forward(self, *args, **kwargs)
+    def nan_losses(self, *args, **kwargs):
+        logits, losses = losses_of(self, *args, **kwargs)
         return logits, {k: v * float("nan") for k, v in losses.items()}
 
-    monkeypatch.setattr(Distiller, "forward", nan_forward)
+    monkeypatch.setattr(Distiller, "losses", nan_losses)
     rc, out, err = run_cli(capsys, ["train", tiny_config, f"output_dir={tmp_path}", "name=nan", "--no-progress"])
     line = assert_one_line_error(rc, out, err, "train")
     assert "loss became nan" in line

@@ -21,6 +21,11 @@ from reviewkd.data.imagefolder import ImageFolderLoader, imagenet_transforms, lo
 from conftest import to_model_input
 
 
+def astuple(batch):
+    """(images, targets, dataset indices) of a Batch."""
+    return batch.image, batch.targets, batch.index
+
+
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -216,12 +221,12 @@ def test_imagefolder_bundle(tmp_path):
     assert len(bundle.train) == 3 and len(bundle.test) == 3
     bundle.train.set_epoch(1)
     seen = []
-    for images, labels, indices in bundle.train:
+    for images, labels, indices in (astuple(b) for b in bundle.train):
         assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32
         assert torch.equal(labels, bundle.train_targets[indices])
         seen += indices.tolist()
     assert sorted(seen) == list(range(12))
-    test_seen = torch.cat([indices for _, _, indices in bundle.test])
+    test_seen = torch.cat([b.index for b in bundle.test])
     assert test_seen.tolist() == list(range(12))  # eval order is the dataset order
 
 
@@ -230,8 +235,8 @@ def test_imagefolder_eval_transform_and_workers(tmp_path):
     dataset = load_image_folder(tmp_path, "val", imagenet_transforms(False, image_size=24, resize_size=28))
     loader = ImageFolderLoader(dataset, 4, train=False, num_workers=2, world_size=2, rank=1)
     batches = list(loader)
-    assert len(loader) == 1 and batches[0][2].tolist() == [1, 3]  # every 2nd sample from rank 1
-    assert batches[0][0].shape == (2, 3, 24, 24)
+    assert len(loader) == 1 and batches[0].index.tolist() == [1, 3]  # every 2nd sample from rank 1
+    assert batches[0].image.shape == (2, 3, 24, 24)
 
 
 def test_imagefolder_missing_or_empty(tmp_path):
@@ -255,7 +260,7 @@ def _loader(n=103, batch=10, **kwargs) -> TensorLoader:
 def _epoch_indices(loader: TensorLoader, epoch: int) -> list[int]:
     loader.set_epoch(epoch)
     out = []
-    for images, labels, indices in loader:
+    for images, labels, indices in (astuple(b) for b in loader):
         assert indices.dtype == torch.int64
         assert torch.equal(images[:, 0, 0, 0], indices.float() / 255)  # images follow their indices
         assert torch.equal(labels, indices % 5)
@@ -288,7 +293,7 @@ def test_tensor_loader_shards_across_ranks():
     shards = [_epoch_indices(r, 2) for r in ranks]
     assert all(len(s) == 50 for s in shards)
     assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(100))
-    assert all(b.shape[0] == 5 for b, _, _ in ranks[0])  # global batch 10 -> 5 per rank
+    assert all(b.image.shape[0] == 5 for b in ranks[0])  # global batch 10 -> 5 per rank
     # Uneven: padded like DistributedSampler, every rank runs the same number of batches.
     uneven = [_epoch_indices(_loader(n=101, batch=10, world_size=2, rank=r), 0) for r in range(2)]
     assert len(uneven[0]) == len(uneven[1]) == 51 and set(uneven[0]) | set(uneven[1]) == set(range(101))
@@ -304,11 +309,11 @@ def test_tensor_loader_augmentation_is_reproducible_per_epoch():
     a, b = make(), make()
     a.set_epoch(4)
     b.set_epoch(4)
-    for (xa, _, ia), (xb, _, ib) in zip(a, b):
+    for (xa, _, ia), (xb, _, ib) in zip(map(astuple, a), map(astuple, b)):
         assert torch.equal(xa, xb) and torch.equal(ia, ib)
-    first = torch.cat([x for x, _, _ in a])
+    first = torch.cat([b.image for b in a])
     a.set_epoch(5)
-    assert not torch.equal(first, torch.cat([x for x, _, _ in a]))
+    assert not torch.equal(first, torch.cat([b.image for b in a]))
 
 
 def test_balanced_subset():
@@ -332,9 +337,9 @@ def test_fashion_mnist_real_files_and_bundle(fashion_test_set):
     assert (bundle.num_classes, bundle.input_size, bundle.num_samples) == (10, (3, 32, 32), 300)
     assert torch.equal(bundle.train_targets.bincount(), torch.full((10,), 30))
     assert len(bundle.class_names) == 10 and len(bundle.train) == 5 and len(bundle.test) == 5
-    images, labels, indices = next(iter(bundle.train))
+    images, labels, indices = astuple(next(iter(bundle.train)))
     assert images.shape == (64, 3, 32, 32) and torch.equal(labels, bundle.train_targets[indices])
-    test_images = torch.cat([x for x, _, _ in bundle.test])
+    test_images = torch.cat([b.image for b in bundle.test])
     assert test_images.shape == (300, 3, 32, 32)
 
 

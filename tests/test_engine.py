@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from reviewkd.config import Config, ConfigError, load_config
-from reviewkd.distiller import Distiller
+from reviewkd import Distiller
 from reviewkd.engine.checkpoint import load_checkpoint
-from reviewkd.engine.trainer import Trainer, TrainingError
+from reviewkd.engine.loop import Run, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def file_state(path: Path) -> tuple[bytes, int]:
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
-    Trainer(tiny(out, "teacher", "solver.epochs=1"), progress=False).fit()
+    Run(tiny(out, "teacher", "solver.epochs=1"), progress=False).fit()
     return out / "teacher" / "best.pt"
 
 
@@ -56,17 +56,16 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_checkpoint, r
     common = ["method.name=reviewkd", "teacher.name=resnet8", f"teacher.checkpoint={teacher_checkpoint}",
               "method.options.warmup_epochs=1", "runtime.deterministic=true"]
 
-    full = Trainer(tiny(tmp_path, "full", *common), progress=False).fit()
+    full = Run(tiny(tmp_path, "full", *common), progress=False).fit()
     assert len(full.history) == 2
 
-    Trainer(tiny(tmp_path, "split", *common), progress=False, stop_after_epoch=1).fit()
+    Run(tiny(tmp_path, "split", *common), progress=False, stop_after=1).fit()
     split_dir = tmp_path / "split"
     halfway = load_checkpoint(split_dir / "last.pt")
     assert halfway["epoch"] == 1 and len(csv_rows(split_dir)) == 1
 
-    resumed = Trainer(tiny(tmp_path, "split", *common), resume=True, progress=False)
-    assert resumed.start_epoch == 1
-    resumed.fit()
+    Run(tiny(tmp_path, "split", *common), resume=True, progress=False).fit()
+    assert "resuming" in (split_dir / "train.log").read_text() and "at distill epoch 1" in (split_dir / "train.log").read_text()
 
     a = load_checkpoint(tmp_path / "full" / "last.pt")
     b = load_checkpoint(split_dir / "last.pt")
@@ -79,39 +78,39 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_checkpoint, r
     assert a["method"].keys() == b["method"].keys()
     for key in a["method"]:
         assert torch.equal(a["method"][key], b["method"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizers"]["main"]["state"].values(), b["optimizers"]["main"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     # The second epoch did train after resuming.
     assert not all(torch.equal(halfway["student"][k], b["student"][k]) for k in b["student"])
 
-    skip = {"epoch_seconds"}
+    skip = {"seconds"}
     assert [{k: v for k, v in r.items() if k not in skip} for r in a["history"]] == \
            [{k: v for k, v in r.items() if k not in skip} for r in b["history"]]
     rows = csv_rows(split_dir)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert [float(r["test_top1"]) for r in rows] == [r["test_top1"] for r in a["history"]]
-    assert b["teacher_top1"] == a["teacher_top1"]
+    assert b["teacher_metrics"] == a["teacher_metrics"]
 
 
 # ----------------------------------------------------------------------- non-finite loss
 def _nan_losses(monkeypatch):
-    forward = Distiller.forward
+    losses_of = Distiller.losses
 
-    def nan_forward(self, *args, **kwargs):
-        logits, losses = forward(self, *args, **kwargs)
+    def nan_losses(self, *args, **kwargs):
+        logits, losses = losses_of(self, *args, **kwargs)
         return logits, {k: v * float("nan") for k, v in losses.items()}
 
-    monkeypatch.setattr(Distiller, "forward", nan_forward)
+    monkeypatch.setattr(Distiller, "losses", nan_losses)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    Trainer(tiny(tmp_path, "nan"), progress=False, stop_after_epoch=1).fit()
+    Run(tiny(tmp_path, "nan"), progress=False, stop_after=1).fit()
     run_dir = tmp_path / "nan"
     before = {name: file_state(run_dir / name) for name in ("last.pt", "best.pt")}
 
     _nan_losses(monkeypatch)
     with pytest.raises(TrainingError) as info:
-        Trainer(tiny(tmp_path, "nan"), resume=True, progress=False).fit()
+        Run(tiny(tmp_path, "nan"), resume=True, progress=False).fit()
     message = str(info.value)
     assert "\n" not in message
     assert "loss became nan" in message and "epoch 2/2" in message
@@ -123,7 +122,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 def test_nan_loss_before_any_checkpoint(tmp_path, monkeypatch):
     _nan_losses(monkeypatch)
     with pytest.raises(TrainingError) as info:
-        Trainer(tiny(tmp_path, "nan0"), progress=False).fit()
+        Run(tiny(tmp_path, "nan0"), progress=False).fit()
     message = str(info.value)
     assert "\n" not in message and "loss became nan" in message and "epoch 1/2" in message
     assert not (tmp_path / "nan0" / "last.pt").exists()
@@ -132,18 +131,18 @@ def test_nan_loss_before_any_checkpoint(tmp_path, monkeypatch):
     assert "precision=fp32" not in message
     # The failed run left no last.pt, so it may simply be started again.
     monkeypatch.undo()
-    Trainer(tiny(tmp_path, "nan0", "solver.epochs=1", "data.subset=128"), progress=False).fit()
+    Run(tiny(tmp_path, "nan0", "solver.epochs=1", "data.subset=128"), progress=False).fit()
     assert (tmp_path / "nan0" / "last.pt").is_file()
 
 
 def test_existing_run_and_missing_resume_are_refused_before_anything_is_written(tmp_path):
     run_dir = tmp_path / "once"
-    Trainer(tiny(tmp_path, "once", "solver.epochs=1", "data.subset=128"), progress=False).fit()
+    Run(tiny(tmp_path, "once", "solver.epochs=1", "data.subset=128"), progress=False).fit()
     before = {p.name: file_state(p) for p in run_dir.iterdir() if p.is_file()}
     with pytest.raises(TrainingError, match="already holds a run"):
-        Trainer(tiny(tmp_path, "once", "solver.epochs=1", "data.subset=128"), progress=False)
+        Run(tiny(tmp_path, "once", "solver.epochs=1", "data.subset=128"), progress=False)
     with pytest.raises(TrainingError, match="cannot resume"):
-        Trainer(tiny(tmp_path, "never", "solver.epochs=1"), resume=True, progress=False)
+        Run(tiny(tmp_path, "never", "solver.epochs=1"), resume=True, progress=False)
     assert {p.name: file_state(p) for p in run_dir.iterdir() if p.is_file()} == before
     assert not (tmp_path / "never").exists()
 

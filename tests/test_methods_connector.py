@@ -239,15 +239,16 @@ def test_fsp_refuses_unmatched_pairs_with_a_fix():
 def test_defaults_are_the_benchmark_recipe():
     vid = create_method("vid")
     assert (vid.weight, vid.init_pred_var, vid.eps, vid.mid_channels) == (1.0, 5.0, 1e-5, None)
-    assert vid.pretrain_epochs == 0 and vid.student_features == vid.teacher_features == "post"
+    assert vid.pretraining is None and vid.reads.student_features == vid.reads.teacher_features == "post"
     ab = create_method("ab")
-    assert (ab.weight, ab.margin, ab.pretrain_epochs, ab.pretrain_lr, ab.pretrain_student_eval) == (0.0, 1.0, 30, None, False)
-    assert ab.student_features == ab.teacher_features == "pre"
+    assert (ab.weight, ab.margin) == (0.0, 1.0)
+    assert (ab.pretraining.epochs, ab.pretraining.lr, ab.pretraining.student_train) == (30, None, True)
+    assert ab.reads.student_features == ab.reads.teacher_features == "pre"
     ft = create_method("ft")
-    assert (ft.weight, ft.rate, ft.full_factor, ft.pretrain_epochs) == (200.0, 0.5, False, 30)
-    assert (ft.pretrain_lr, ft.pretrain_student_eval) == (0.01, True)
+    assert (ft.weight, ft.rate, ft.full_factor, ft.pretraining.epochs) == (200.0, 0.5, False, 30)
+    assert (ft.pretraining.lr, ft.pretraining.student_train) == (0.01, False)
     fsp = create_method("fsp")
-    assert (fsp.weight, fsp.pretrain_epochs, fsp.pretrain_lr, fsp.pretrain_student_eval) == (0.0, 30, None, False)
+    assert (fsp.weight, fsp.pretraining.epochs, fsp.pretraining.lr, fsp.pretraining.student_train) == (0.0, 30, None, True)
     assert all(create_method(n).ce_weight == 1.0 for n in ("vid", "ab", "ft", "fsp"))
 
 
@@ -342,7 +343,7 @@ def test_bf16_autocast_gives_float32_losses(name, options):
     torch.manual_seed(0)
     distiller = Distiller(create_model("resnet8", num_classes=10), create_model("resnet14", num_classes=10),
                           name, **options)
-    for pretrain in (False, True) if distiller.method.pretrain_epochs else (False,):
+    for pretrain in (False, True) if distiller.method.pretraining else (False,):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, losses = distiller(*_batch(), pretrain=pretrain)
         for key, value in losses.items():
@@ -385,7 +386,7 @@ def test_sgd_steps_lower_the_total_loss(name, lr, steps, factor, fashion_batch):
 def test_pretrain_steps_lower_the_loss_and_touch_only_pretrain_parameters(name, fashion_batch):
     images, labels = fashion_batch
     distiller = _fashion_distiller(name)
-    if distiller.method.pretrain_student_eval:
+    if not distiller.method.pretraining.student_train:
         distiller.student.eval()
     params = distiller.pretrain_parameters()
     if name == "ft":

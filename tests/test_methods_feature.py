@@ -294,7 +294,7 @@ def test_defaults_are_the_benchmark_recipe():
     for name, weight in expected.items():
         method = create_method(name)
         assert method.weight == weight and method.ce_weight == 1.0
-        assert method.student_features == method.teacher_features == "post"
+        assert method.reads.student_features == method.reads.teacher_features == "post"
     assert create_method("fitnet").hint_stage == 2
     assert create_method("at").p == 2.0
     rkd = create_method("rkd")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from reviewkd import Distiller, create_model
 from reviewkd.features import FeatureSpec, Stage, Tap, feature_spec_of
-from reviewkd.methods import IncompatiblePairError, Step, create_method
+from reviewkd.methods import IncompatiblePairError, RunContext, Step, create_method
 from reviewkd.methods.crd import nce_loss
 from reviewkd.methods.dkd import dkd_loss
 from reviewkd.methods.kd import kd_loss
@@ -34,9 +34,9 @@ def _kl(p, q):
     return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
 
 
-def _probe(s_feats=None, t_feats=None, batch=2, extra=None, names=("student", "teacher")):
+def _probe(s_feats=None, t_feats=None, batch=2, names=("student", "teacher")):
     return Step(student_logits=torch.zeros(batch, 10), teacher_logits=torch.zeros(batch, 10),
-                student_features=s_feats, teacher_features=t_feats, extra=extra or {},
+                student_features=s_feats, teacher_features=t_feats,
                 student_name=names[0], teacher_name=names[1])
 
 
@@ -137,7 +137,7 @@ def test_nce_loss_by_hand():
 def _crd(labels, **options):
     crd = create_method("crd", **options)
     s, t = [torch.randn(2, 6, 1, 1)], [torch.randn(2, 5, 1, 1)]
-    crd.setup(_probe(s, t, extra=_context(labels)))
+    crd.setup(_probe(s, t), RunContext(**_context(labels)))
     return crd
 
 
@@ -215,8 +215,7 @@ def test_crd_loss_z_and_memory_update_by_hand():
         return loss / 3, z
 
     (loss_s, z_s), (loss_t, z_t) = side(v_s, mem_t), side(v_t, mem_s)
-    step = Step(student_logits=torch.zeros(3, 3), student_features=[f_s], teacher_features=[f_t],
-                extra={"indices": idx})
+    step = Step(student_logits=torch.zeros(3, 3), student_features=[f_s], teacher_features=[f_t], index=idx)
     crd.train()
     out = crd(step)["crd"]
     assert math.isclose(out.item(), 0.8 * (loss_s + loss_t), rel_tol=1e-4)
@@ -242,7 +241,7 @@ def test_crd_optional_kd_term():
     crd = _crd([0, 1, 2, 0, 1, 2], kd_weight=1.0)
     s, t = torch.randn(2, 3), torch.randn(2, 3)
     out = crd(Step(student_logits=s, teacher_logits=t, student_features=[torch.randn(2, 6, 1, 1)],
-                   teacher_features=[torch.randn(2, 5, 1, 1)], extra={"indices": torch.tensor([0, 4])}))
+                   teacher_features=[torch.randn(2, 5, 1, 1)], index=torch.tensor([0, 4])))
     assert set(out) == {"crd", "kd"}
     assert math.isclose(out["kd"].item(), kd_loss(s, t, 4.0).item(), rel_tol=1e-6)
 
@@ -292,7 +291,7 @@ def test_ofd_partial_l2_by_hand():
 
 def _ofd(s_feats, t_feats, bns, **options):
     ofd = create_method("ofd", **options)
-    ofd.setup(_probe(s_feats, t_feats, extra={"teacher_bn": bns}))
+    ofd.setup(_probe(s_feats, t_feats), RunContext(teacher_bn=bns))
     return ofd
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reviewkd.config import load_config
-from reviewkd.engine.trainer import Trainer
+from reviewkd.engine.loop import Run
 from reviewkd.methods import list_methods, method_options
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist" / "resnet20_resnet8"
@@ -16,7 +16,7 @@ def teacher_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     cfg = load_config(RECIPES.parent / "teacher_resnet20.yaml",
                       [f"output_dir={out}", "data.subset=256", "data.batch_size=64", "solver.epochs=1"])
-    Trainer(cfg, progress=False).fit()
+    Run(cfg, progress=False).fit()
     return cfg.run_dir / "best.pt"
 
 
@@ -30,9 +30,9 @@ def test_recipe_trains(method, teacher_checkpoint, tmp_path):
     if "pretrain_epochs" in method_options(method):
         overrides.append("method.options.pretrain_epochs=1")
     cfg = load_config(recipe, overrides)
-    result = Trainer(cfg, progress=False).fit()
+    result = Run(cfg, progress=False).fit()
     row = result.history[-1]
-    assert 0.0 <= result.final_top1 <= 100.0
+    assert 0.0 <= result.metrics["test_top1"] <= 100.0
     assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k.startswith("loss_"))
     ckpt = torch.load(cfg.run_dir / "last.pt", weights_only=True)
     assert ckpt["method_name"] == method and ckpt["epoch"] == 1

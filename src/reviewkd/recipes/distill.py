@@ -13,6 +13,7 @@ from one probe pass of both networks on a dummy batch of ``input_size``; ``stude
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -117,8 +118,9 @@ class Distiller(Recipe):
     @torch.no_grad()
     def _probe_and_setup(self, context: RunContext) -> None:
         if self._teacher_taps is not None and context.teacher_bn is None:
-            # The BatchNorm before each teacher stage's final ReLU (OFD derives margins from it).
-            context.teacher_bn = stage_batchnorms(self.teacher, self._teacher_taps.spec)
+            # The BatchNorm before each teacher stage's final ReLU (OFD derives margins from it);
+            # a copy, so that a context reused for another teacher keeps its own.
+            context = replace(context, teacher_bn=stage_batchnorms(self.teacher, self._teacher_taps.spec))
         # Eval mode for the probe: a batch of 2 must not move any BatchNorm statistics.
         was_training = self.student.training
         self.student.eval()
