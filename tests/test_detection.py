@@ -39,7 +39,8 @@ def _dataset(root, split="train", masks=True, augment=None):
 
 def _batch(root, n=2, masks=True):
     ds = _dataset(root, masks=masks, augment=TrainAugment((96, 112), 160, 0.5))
-    return collate([ds[(i, (0, 0))] for i in range(n)]), ds.num_classes
+    batch = collate([ds[(i, (0, 0))] for i in range(n)])
+    return (batch.inputs["images"], batch.targets), ds.num_classes
 
 
 # ----------------------------------------------------------------------------- review on FPN levels
@@ -260,10 +261,10 @@ def test_detection_configs_validate_and_refuse_epoch_settings(tmp_path, shapes):
     for path in paths:
         cfg = load_config(path)
         assert cfg.task == "detection" and cfg.detection is not None
-    from reviewkd.detection.trainer import check_config
+    from reviewkd.tasks import get_task
 
     with pytest.raises(ConfigError, match="detection.max_iter"):
-        check_config(load_config(_tiny_config(tmp_path, shapes), ["solver.epochs=3"]))
+        get_task("detection").check_config(load_config(_tiny_config(tmp_path, shapes), ["solver.epochs=3"]))
     with pytest.raises(ConfigError, match="task: detection"):
         load_config(None, ["data.name=coco"])
     assert load_config(REPO / "configs" / "fashion_mnist" / "teacher_resnet20.yaml").task == "classification"

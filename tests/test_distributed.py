@@ -1,4 +1,5 @@
-"""DistributedDataParallel on CPU with gloo: what DDP promises, checked against one process."""
+"""Data-parallel training on CPU with gloo: the engine's gradient averaging, checked against one
+process, and torchrun runs of the CLI."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import reviewkd as rk
-from reviewkd.engine.distributed import wrap_ddp
+from reviewkd.collectives import average_gradients
 
 WORLD = 2
 METHODS = {"vanilla": {}, "kd": {}, "reviewkd": {"warmup_epochs": 0, "kd_weight": 1.0}}
@@ -41,11 +42,11 @@ def _worker(rank: int, method: str, init_file: str, out_dir: str) -> None:
     try:
         d = _distiller(method)
         d.train()
-        model = wrap_ddp(d, torch.device("cpu"))
         x, y = _batch()
         shard = slice(rank * 4, rank * 4 + 4)  # each rank sees its half of the global batch
-        _, losses = model(x[shard], y[shard], epoch=1)
+        _, losses = d(x[shard], y[shard], epoch=1)
         sum(losses.values()).backward()
+        average_gradients(d.trainable_parameters())  # what the loop does after a step's backward passes
         grads = _grads(d)
         opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1, momentum=0.9)
         opt.step()
@@ -56,12 +57,12 @@ def _worker(rank: int, method: str, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_ddp_gradients_equal_the_mean_of_per_shard_gradients(method, tmp_path):
+def test_averaged_gradients_equal_the_mean_of_per_shard_gradients(method, tmp_path):
     init_file = tempfile.mktemp(dir=tmp_path)
     mp.spawn(_worker, args=(method, init_file, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
-    # One process, each shard separately (BatchNorm statistics per shard, as under DDP), then the mean.
+    # One process, each shard separately (BatchNorm statistics per shard, as on each rank), then the mean.
     x, y = _batch()
     per_shard = []
     for r in range(WORLD):
@@ -138,10 +139,9 @@ def _crd_worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         d = _crd_distiller()
         d.train()
-        model = wrap_ddp(d, torch.device("cpu"))
         x, y = _batch()
         shard = slice(rank * 4, rank * 4 + 4)
-        _, losses = model(x[shard], y[shard], epoch=1, indices=torch.arange(8)[shard])
+        _, losses = d(x[shard], y[shard], epoch=1, index=torch.arange(8)[shard])
         sum(losses.values()).backward()
         torch.save({k: v.clone() for k, v in d.method.state_dict().items()}, os.path.join(out_dir, f"crd{rank}.pt"))
     finally:

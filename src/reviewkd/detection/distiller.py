@@ -87,6 +87,7 @@ class DetectionDistiller(Distiller):
         if teacher is not None and type(teacher) is not type(student) and self.uses_logits:
             raise IncompatiblePairError("logit distillation needs the teacher to be the same kind of detector")
         self._roi_tap = _RoiTap(student.roi_heads) if self.uses_logits else None
+        self._student_taps = self._teacher_taps = None  # the FPN levels are the features
 
     def probe_batch(self) -> Batch:
         images = list(torch.randn(2, *self.input_size, device=self._device()))

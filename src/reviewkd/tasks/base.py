@@ -31,6 +31,11 @@ class TaskData:
     num_test: int = 0
 
     def train_batches(self, start: int, epoch_offset: int = 0) -> Iterator[Batch]:
+        """Must not draw from the global RNG after it returns, except as the uninterrupted run
+        would (the loop restores the RNG state of a resumed run right after this call)."""
+        return self._passes(start, epoch_offset)
+
+    def _passes(self, start: int, epoch_offset: int) -> Iterator[Batch]:
         epoch, skip = divmod(start, self.steps_per_epoch)
         while True:
             self.train.set_epoch(epoch + epoch_offset)

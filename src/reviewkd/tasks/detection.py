@@ -43,8 +43,10 @@ class DetectionData(TaskData):
     masks: bool = False
 
     def train_batches(self, start: int, epoch_offset: int = 0):
-        for batch in self.train.train_loader(start_iter=start):
-            yield batch_to(batch, self.device)
+        # The DataLoader's iterator is made now, not at the first batch: making it draws from the
+        # global RNG, which the loop restores right after this call when it resumes a run.
+        batches = iter(self.train.train_loader(start_iter=start))
+        return (batch_to(batch, self.device) for batch in batches)
 
 
 class DetectionTask(Task):
