@@ -29,6 +29,7 @@ from .. import collectives
 from ..config import Config, ConfigError, load_config, save_config
 from ..methods import method_class
 from ..models.summary import count_parameters
+from ..models.weights import CheckpointMismatchError, compare_state
 from ..recipes.base import Group, Recipe, Stage
 from ..tasks import get_task
 from .checkpoint import FORMAT, atomic_save, load_checkpoint, remove_stale_temporaries, rng_state, set_rng_state
@@ -70,11 +71,18 @@ def build_optimizer(group: Group, solver) -> torch.optim.Optimizer:
 
 
 @dataclass
-class _Optimiser:
+class GroupOptimiser:
     group: Group
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
     params: list[nn.Parameter]
+
+
+def group_optimiser(group: Group, solver, lr_factor=None) -> GroupOptimiser:
+    """The optimiser and LR schedule of one group (``lr_factor(iteration)``: the run's schedule)."""
+    optimizer = build_optimizer(group, solver)
+    factor = lr_factor if (group.schedule == "solver" and lr_factor is not None) else (lambda it: 1.0)
+    return GroupOptimiser(group, optimizer, LambdaLR(optimizer, factor), [p for p in group.params if p.requires_grad])
 
 
 @dataclass
@@ -145,7 +153,11 @@ class Run:
     def _check_run_dir(self) -> None:
         last = self.run_dir / "last.pt"
         if self.resume and not last.is_file():
-            raise TrainingError(f"cannot resume: {last} does not exist (start the run without --resume)")
+            if not (self.run_dir / "config.yaml").is_file():
+                raise TrainingError(f"cannot resume: {last} does not exist (start the run without --resume)")
+            # started, but killed before its first checkpoint: nothing to continue from
+            self.resume = False
+            self._start_note = f"{last} does not exist yet (the run stopped before its first checkpoint): starting from the beginning"
         if not self.resume and last.is_file():
             raise TrainingError(
                 f"{self.run_dir} already holds a run: add --resume to continue it, or choose another name (name=...)"
@@ -163,8 +175,14 @@ class Run:
         num = task.num_outputs(cfg)
         student = task.build_model(cfg.model.name, cfg, num)
         teacher = None
-        if self.teacher_plan.name is not None:
-            teacher = task.build_teacher(self.teacher_plan.name, cfg, num, None)
+        plan = self.teacher_plan
+        if plan.name is not None:
+            # the checkpoint's weights are checked now when it exists (a teacher trained first: later)
+            weights = plan.checkpoint if plan.config is None else None
+            try:
+                teacher = task.build_teacher(plan.name, cfg, num, weights)
+            except CheckpointMismatchError as exc:
+                raise CheckpointMismatchError(f"teacher {plan.name}: {exc}") from None
         try:
             return task.build_recipe(cfg, student, teacher, task.probe_size(cfg), _probe_context(cfg, num))
         except ValueError as exc:
@@ -228,10 +246,10 @@ class Run:
             self.recipe.to(memory_format=torch.channels_last)
         self.stages = self.recipe.stages()
         self.schedule = task.schedule(cfg, self.data.steps_per_epoch)
-        self.optimisers: dict[str, _Optimiser] = {}
+        self.optimisers: dict[str, GroupOptimiser] = {}
         for stage in self.stages:
             for group in self.recipe.groups(stage):
-                self.optimisers[group.name] = self._optimiser(group)
+                self.optimisers[group.name] = group_optimiser(group, cfg.solver, self.schedule.lr_factor)
         self.step_fn = torch.compile(self.recipe) if cfg.runtime.compile else self.recipe
         self.eval_model = torch.compile(self.recipe.deployable()) if cfg.runtime.compile else self.recipe.deployable()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -244,12 +262,6 @@ class Run:
         if self.resume:
             self._load_last()
         collectives.broadcast_state_dicts(self.recipe.trained_state())
-
-    def _optimiser(self, group: Group) -> _Optimiser:
-        optimizer = build_optimizer(group, self.cfg.solver)
-        factor = self.schedule.lr_factor if group.schedule == "solver" else (lambda it: 1.0)
-        params = [p for p in group.params if p.requires_grad]
-        return _Optimiser(group, optimizer, LambdaLR(optimizer, factor), params)
 
     # ----------------------------------------------------------- checkpoints
     def _stage_length(self, stage: Stage) -> int:
@@ -292,10 +304,9 @@ class Run:
                 f"{path} is a {ckpt['model_name']}/{ckpt['method_name']} run, the config asks for "
                 f"{self.cfg.model.name}/{self.cfg.method.name}: resume with the config it was started with"
             )
-        try:
-            self.recipe.load_trained_state(ckpt)
-        except RuntimeError as exc:
-            raise TrainingError(f"{path} does not fit the config's networks: {str(exc).splitlines()[0][:300]}") from None
+        for name, state in self.recipe.trained_state().items():
+            compare_state(state, ckpt.get(name, {}), f"{path} ({name})")
+        self.recipe.load_trained_state(ckpt)
         for name, o in self.optimisers.items():
             o.optimizer.load_state_dict(ckpt["optimizers"][name])
             o.scheduler.load_state_dict(ckpt["schedulers"][name])
@@ -321,26 +332,29 @@ class Run:
 
     # ------------------------------------------------------------------ run
     def fit(self) -> RunResult:
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.run_dir)
-        self._build()
-        cfg = self.cfg
-        if self.dist.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
-        log = MetricsLog(self.run_dir, self.history, x_key=self.schedule.x_key, scores=self.task.curve_scores,
-                         score_axis=self.task.score_axis) if self.dist.is_main else None
-        n_params = count_parameters(self.recipe.deployable())
-        self._say(f"{cfg.name}: {cfg.model.name} ({n_params / 1e6:.2f}M parameters), method {cfg.method.name}, "
-                  f"{self.data.num_train} training samples, device {self.device}, precision {self.precision}, "
-                  f"{self.dist.world_size} process(es), {self._plan_text()}")
-        teacher = getattr(self.recipe, "teacher", None)
-        if teacher is not None and self.teacher_metrics is None:
-            self.teacher_metrics = self.task.evaluate(teacher, self.data, self.device, self.precision, self._bars())
-            self._say(f"teacher {cfg.teacher.name}: {self.task.describe(self.teacher_metrics)}")
-
-        start = time.perf_counter()
+        log, start = None, time.perf_counter()
         try:
+            if self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                for path in remove_stale_temporaries(self.run_dir):
+                    self._say(f"removed {path.name}, left by a checkpoint write that was interrupted")
+                if getattr(self, "_start_note", None):
+                    self._say(self._start_note)
+            self._build()
+            cfg = self.cfg
+            if self.dist.is_main:
+                save_config(cfg, self.run_dir / "config.yaml")
+                log = MetricsLog(self.run_dir, self.history, x_key=self.schedule.x_key, scores=self.task.curve_scores,
+                                 score_axis=self.task.score_axis)
+            n_params = count_parameters(self.recipe.deployable())
+            self._say(f"{cfg.name}: {cfg.model.name} ({n_params / 1e6:.2f}M parameters), method {cfg.method.name}, "
+                      f"{self.data.num_train} training samples, device {self.device}, precision {self.precision}, "
+                      f"{self.dist.world_size} process(es), {self._plan_text()}")
+            teacher = getattr(self.recipe, "teacher", None)
+            if teacher is not None and self.teacher_metrics is None:
+                self.teacher_metrics = self.task.evaluate(teacher, self.data, self.device, self.precision, self._bars())
+                self._say(f"teacher {cfg.teacher.name}: {self.task.describe(self.teacher_metrics)}")
+            start = time.perf_counter()
             while self.stage_index < len(self.stages):
                 if not self._run_stage(log):
                     break  # stopped early (stop_after)
@@ -354,10 +368,10 @@ class Run:
         finally:
             if log is not None:
                 log.close()
-            collectives.barrier()  # every rank leaves with the files written (e.g. a teacher's best.pt)
+        collectives.barrier()  # every rank leaves with the files written (e.g. a teacher's best.pt)
         self.stage_index = min(self.stage_index, len(self.stages) - 1)
         return RunResult(self.run_dir, self.task.score_key, self.best_score, self.metrics, self.teacher_metrics,
-                         n_params, time.perf_counter() - start, self.history)
+                         count_parameters(self.recipe.deployable()), time.perf_counter() - start, self.history)
 
     def _plan_text(self) -> str:
         parts = [f"{s.name}: {self._stage_length(s)} iterations" for s in self.stages]
@@ -374,7 +388,6 @@ class Run:
         if self.stage_iteration >= total:
             return True
         groups = [self.optimisers[g.name] for g in self.recipe.groups(stage)]
-        params = [p for o in groups for p in o.params]
         # Earlier stages draw their batches from other seeds than the main stage's epochs.
         stream = self.data.train_batches(self.stage_iteration, 0 if main else -(1 + self.stage_index) * 1_000_000)
         if self._rng is not None:
@@ -403,7 +416,7 @@ class Run:
                 epoch = float(it // spe) if sched.x_key == "epoch" else it / spe
                 with autocast(self.device, self.precision):
                     out = self.step_fn(batch, stage, epoch)
-                self._backward_and_step(groups, params, out.losses)
+                step_groups(groups, out.losses, self.scaler, self.cfg.solver.clip_grad_norm)
                 self.stage_iteration = it = it + 1
                 bar.update(1)
                 self._accumulate(sums, out, batch)
@@ -445,24 +458,6 @@ class Run:
         finally:
             bar.close()
         return self.stage_iteration >= total
-
-    def _backward_and_step(self, groups: list[_Optimiser], params, losses: dict) -> None:
-        """Zero a group's gradients, then its backward pass, in the recipe's order; then step all."""
-        for i, o in enumerate(groups):
-            o.optimizer.zero_grad(set_to_none=True)
-            loss = sum(losses[o.group.name].values())
-            if torch.is_tensor(loss) and loss.requires_grad:
-                self.scaler.scale(loss).backward(retain_graph=i + 1 < len(groups))
-        collectives.average_gradients(params)
-        for o in groups:
-            clip = o.group.clip if o.group.clip is not None else self.cfg.solver.clip_grad_norm
-            if clip is not None:
-                self.scaler.unscale_(o.optimizer)
-                nn.utils.clip_grad_norm_(o.params, clip)
-            self.scaler.step(o.optimizer)
-        self.scaler.update()
-        for o in groups:
-            o.scheduler.step()
 
     def _accumulate(self, sums: dict, out, batch) -> None:
         several = len(out.losses) > 1
@@ -517,6 +512,29 @@ class Run:
             epoch = (it - 1) // spe + 1
             where = f"in {'' if stage.logged else stage.name + ' '}epoch {epoch}/{_units(total, spe)} (step {it - (epoch - 1) * spe})"
         raise TrainingError(f"loss became {value} {where}; stopped. {saved}: {hint}")
+
+
+def step_groups(groups: list[GroupOptimiser], losses: dict[str, dict[str, torch.Tensor]], scaler,
+                default_clip: Optional[float] = None) -> None:
+    """The step rule: in the recipe's order, zero a group's gradients and run the backward pass of
+    its losses (keeping the graph for the groups after it); average the gradients over the ranks;
+    then clip and step every group. A group therefore receives the gradients of its own losses
+    and of later groups' losses that reach it, and none of earlier groups' losses."""
+    for i, o in enumerate(groups):
+        o.optimizer.zero_grad(set_to_none=True)
+        loss = sum(losses[o.group.name].values())
+        if torch.is_tensor(loss) and loss.requires_grad:
+            scaler.scale(loss).backward(retain_graph=i + 1 < len(groups))
+    collectives.average_gradients([p for o in groups for p in o.params])
+    for o in groups:
+        clip = o.group.clip if o.group.clip is not None else default_clip
+        if clip is not None:
+            scaler.unscale_(o.optimizer)
+            nn.utils.clip_grad_norm_(o.params, clip)
+        scaler.step(o.optimizer)
+    scaler.update()
+    for o in groups:
+        o.scheduler.step()
 
 
 def _units(iteration: int, unit: int):

@@ -39,8 +39,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._common import require_equal_stage_counts, resize_conv
 from .base import DistillMethod, IncompatiblePairError, Pretraining, Reads, RunContext, Step, register_method
-from .vid import require_equal_stage_counts
 
 
 def ab_stage_loss(source: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
@@ -65,13 +65,8 @@ def _connector(s_shape: torch.Size, t_shape: torch.Size, where: str) -> nn.Modul
     (cs, hs, ws), (ct, ht, wt) = tuple(s_shape[1:]), tuple(t_shape[1:])
     if cs == ct and (hs, ws) == (ht, wt):
         return nn.Identity()
-    if (hs, ws) == (2 * ht, 2 * wt):
-        conv = nn.Conv2d(cs, ct, kernel_size=3, stride=2, padding=1)
-    elif (2 * hs, 2 * ws) == (ht, wt):
-        conv = nn.ConvTranspose2d(cs, ct, kernel_size=4, stride=2, padding=1)
-    elif hs >= ht and ws >= wt:
-        conv = nn.Conv2d(cs, ct, kernel_size=(1 + hs - ht, 1 + ws - wt))
-    else:
+    conv = resize_conv((cs, hs, ws), (ct, ht, wt))
+    if conv is None:
         raise IncompatiblePairError(
             f"AB's connector at {where} cannot map a {hs}x{ws} student map to a {ht}x{wt} teacher map "
             "(it upsamples by 2 at most): choose stages (student_stages/teacher_stages) whose sizes "

@@ -23,22 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import DistillMethod, Reads, RunContext, Step, register_method, require_stage_maps
-
-
-def float32(x: torch.Tensor):
-    """A context with autocast off on ``x``'s device: losses are computed in float32."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def match_spatial(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pool the larger of two N x C x H x W maps to the height / width of the smaller."""
-    size = (min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1]))
-    if tuple(f_s.shape[-2:]) != size:
-        f_s = F.adaptive_avg_pool2d(f_s, size)
-    if tuple(f_t.shape[-2:]) != size:
-        f_t = F.adaptive_avg_pool2d(f_t, size)
-    return f_s, f_t
+from ._common import float32, match_spatial, require_stage_maps
+from .base import DistillMethod, Reads, RunContext, Step, register_method
 
 
 def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -64,7 +50,7 @@ class AT(DistillMethod):
         self.weight, self.p = float(weight), float(p)
 
     def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
-        require_stage_maps(self, probe)
+        require_stage_maps(probe, self.name)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         pairs = zip(step.student_features[:-1], step.teacher_features[:-1])

@@ -86,6 +86,7 @@ class Step:
     teacher_logits: Optional[torch.Tensor] = None
     student_features: Optional[list[torch.Tensor]] = None  # shallow -> deep, pooled entry last
     teacher_features: Optional[list[torch.Tensor]] = None
+    teacher_mask: Optional[torch.Tensor] = None  # per sample: the teacher has an output (precomputed teachers)
     epoch: float = 0.0
     index: Optional[torch.Tensor] = None  # dataset indices of the batch's samples
     inputs: Optional[dict[str, Any]] = None
@@ -122,15 +123,6 @@ class DistillMethod(nn.Module):
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
-
-
-def require_stage_maps(method: DistillMethod, probe: Step) -> None:
-    """For methods that compare stage feature maps: both networks must declare a stage."""
-    if len(probe.student_features) < 2 or len(probe.teacher_features) < 2:
-        raise IncompatiblePairError(
-            f"{method.name} compares stage feature maps, but {probe.student_name} or {probe.teacher_name} "
-            "declares no stage besides the pooled feature: give its FeatureSpec at least one stage"
-        )
 
 
 _METHODS: dict[str, type[DistillMethod]] = {}

@@ -33,17 +33,14 @@ computed from each rank's own batch, not from the gathered global batch.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .at import float32
+from ._common import OptionalKD, float32
 from .base import DistillMethod, Reads, RunContext, Step, register_method
-from .kd import kd_loss
 
 
 def rbf_correlation(z: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
@@ -67,7 +64,7 @@ def cc_loss(z_s: torch.Tensor, z_t: torch.Tensor, gamma: float = 0.4, order: int
 
 
 @register_method
-class CC(DistillMethod):
+class CC(OptionalKD, DistillMethod):
     name = "cc"
     paper = "Peng et al., ICCV 2019: Correlation Congruence for Knowledge Distillation"
     reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification',))
@@ -84,8 +81,7 @@ class CC(DistillMethod):
         super().__init__()
         self.weight, self.gamma, self.order = float(weight), float(gamma), int(order)
         self.embed_dim = None if embed_dim is None else int(embed_dim)
-        self.kd_weight, self.temperature = float(kd_weight), float(temperature)
-        self.reads = replace(self.reads, logits=self.kd_weight > 0)
+        self.init_kd(kd_weight, temperature)
         self.embed_s: nn.Module = nn.Identity()
         self.embed_t: nn.Module = nn.Identity()
 
@@ -97,7 +93,4 @@ class CC(DistillMethod):
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         z_s = self.embed_s(step.student_features[-1].flatten(1))
         z_t = self.embed_t(step.teacher_features[-1].flatten(1))
-        losses = {"cc": self.weight * cc_loss(z_s, z_t, self.gamma, self.order)}
-        if self.kd_weight > 0:
-            losses["kd"] = self.kd_weight * kd_loss(step.student_logits, step.teacher_logits, self.temperature)
-        return losses
+        return self.add_kd({"cc": self.weight * cc_loss(z_s, z_t, self.gamma, self.order)}, step)

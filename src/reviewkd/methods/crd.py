@@ -43,8 +43,6 @@ and ``Z`` is estimated from the mean over ranks.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import math
 
 import torch
@@ -52,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..collectives import gather_batch, mean_over_ranks
+from ._common import OptionalKD, float32
 from .base import DistillMethod, Reads, RunContext, Step, register_method
-from .kd import kd_loss
 
 _EPS = 1e-7  # the released code's constant in the NCE denominators
 
@@ -68,7 +66,7 @@ def nce_loss(p: torch.Tensor, num_samples: int) -> torch.Tensor:
 
 
 @register_method
-class CRD(DistillMethod):
+class CRD(OptionalKD, DistillMethod):
     name = "crd"
     paper = "Tian, Krishnan, Isola, ICLR 2020: Contrastive Representation Distillation"
     reads = Reads(student_features="post", teacher_features="post", logits=False, index=True, tasks=('classification',))
@@ -86,8 +84,7 @@ class CRD(DistillMethod):
         super().__init__()
         self.weight, self.feat_dim, self.nce_k = float(weight), int(feat_dim), int(nce_k)
         self.nce_t, self.nce_m = float(nce_t), float(nce_m)
-        self.kd_weight, self.temperature = float(kd_weight), float(temperature)
-        self.reads = replace(self.reads, logits=self.kd_weight > 0)
+        self.init_kd(kd_weight, temperature)
         self.embed_s: nn.Linear | None = None
         self.embed_t: nn.Linear | None = None
 
@@ -142,7 +139,7 @@ class CRD(DistillMethod):
         idx = idx.to(self.memory_s.device, torch.long, non_blocking=True)
         f_s = step.student_features[-1].flatten(1)
         f_t = step.teacher_features[-1].flatten(1)
-        with torch.autocast(device_type=f_s.device.type, enabled=False):
+        with float32(f_s):
             v_s = F.normalize(self.embed_s(f_s.float()), dim=1)
             v_t = F.normalize(self.embed_t(f_t.float()), dim=1)
             contrast = torch.cat([idx.unsqueeze(1), self.sample_negatives(self.labels[idx])], dim=1)
@@ -157,10 +154,7 @@ class CRD(DistillMethod):
             loss = nce_loss(out_s / z[0], self.num_samples) + nce_loss(out_t / z[1], self.num_samples)
             if self.training:
                 self._update_memory(gather_batch(idx), gather_batch(v_s.detach()), gather_batch(v_t.detach()))
-        losses = {"crd": self.weight * loss}
-        if self.kd_weight > 0:
-            losses["kd"] = self.kd_weight * kd_loss(step.student_logits, step.teacher_logits, self.temperature)
-        return losses
+        return self.add_kd({"crd": self.weight * loss}, step)
 
     @torch.no_grad()
     def _update_memory(self, idx: torch.Tensor, v_s: torch.Tensor, v_t: torch.Tensor) -> None:

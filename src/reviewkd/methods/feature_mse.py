@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .at import float32, match_spatial
+from ._common import choose_stages, float32, match_spatial
 from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
 
 
@@ -43,7 +43,8 @@ class FeatureMSE(DistillMethod):
         if len(s) != len(t):
             raise IncompatiblePairError(
                 f"{probe.student_name} gives {len(s)} levels and {probe.teacher_name} {len(t)}: feature_mse "
-                "pairs them one to one"
+                f"pairs them one to one; in classification (stages plus the pooled feature) "
+                f"{choose_stages(len(s) - 1, len(t) - 1)}"
             )
         if self.levels is not None and not all(1 <= i <= len(s) for i in self.levels):
             raise IncompatiblePairError(f"levels={self.levels}: choose levels in 1..{len(s)}")

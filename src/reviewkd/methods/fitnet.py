@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .at import float32
+from ._common import float32, resize_conv
 from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
 
 
@@ -35,14 +35,9 @@ class HintRegressor(nn.Module):
 
     def __init__(self, s_shape, t_shape):
         super().__init__()
-        (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
-        if (s_h, s_w) == (2 * t_h, 2 * t_w):
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
-        elif (2 * s_h, 2 * s_w) == (t_h, t_w):
-            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
-        elif s_h >= t_h and s_w >= t_w:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
-        else:
+        (_, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
+        self.conv = resize_conv(s_shape, t_shape)
+        if self.conv is None:
             raise IncompatiblePairError(
                 f"student hint map {s_h}x{s_w} is smaller than the teacher's {t_h}x{t_w} by a factor other "
                 "than 2: choose another hint_stage (or stages) whose sizes are equal, halved or doubled"

@@ -40,14 +40,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._common import float32, match_spatial, require_equal_stage_counts
 from .base import DistillMethod, IncompatiblePairError, Pretraining, Reads, RunContext, Step, register_method
-from .vid import match_spatial, require_equal_stage_counts
 
 
 def fsp_matrix(shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
     """N x C_shallow x C_deep FSP matrices of two feature maps (float32)."""
     shallow, deep = match_spatial(shallow, deep)
-    with torch.autocast(device_type=shallow.device.type, enabled=False):
+    with float32(shallow):
         a, b = shallow.float().flatten(2), deep.float().flatten(2)
         return torch.bmm(a, b.transpose(1, 2)) / a.shape[-1]
 

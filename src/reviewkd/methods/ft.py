@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import match_spatial
 from .base import DistillMethod, IncompatiblePairError, Pretraining, Reads, RunContext, Step, register_method
-from .vid import match_spatial
 
 
 def _conv_act(cin: int, cout: int, transposed: bool = False, bn: bool = False) -> list[nn.Module]:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .at import float32, match_spatial
-from .base import DistillMethod, Reads, RunContext, Step, register_method, require_stage_maps
+from ._common import float32, match_spatial, require_stage_maps
+from .base import DistillMethod, Reads, RunContext, Step, register_method
 
 
 def poly_kernel(a: torch.Tensor, b: torch.Tensor, degree: int = 2, c: float = 0.0) -> torch.Tensor:
@@ -54,7 +54,7 @@ class NST(DistillMethod):
         self.weight = float(weight)
 
     def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
-        require_stage_maps(self, probe)
+        require_stage_maps(probe, self.name)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         pairs = zip(step.student_features[:-1], step.teacher_features[:-1])

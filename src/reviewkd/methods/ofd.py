@@ -40,10 +40,10 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..features import FeatureSpec, stage_batchnorms  # noqa: F401  (re-exported)
+from ._common import match_spatial
 from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
 
 
@@ -116,8 +116,6 @@ class OFD(DistillMethod):
         batch = step.student_features[0].shape[0]
         total = 0.0
         for i, (s, t) in enumerate(zip(s_feats, t_feats)):
-            s = self.connectors[i](s)
-            if t.shape[-2:] != s.shape[-2:]:
-                t = F.adaptive_avg_pool2d(t, s.shape[-2:])
+            s, t = match_spatial(self.connectors[i](s), t, to="first")  # the teacher takes the student's size
             total = total + partial_l2(s.float(), t.float(), getattr(self, f"margin{i}")) / 2 ** (n - 1 - i)
         return {"ofd": self.weight * total / batch}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .at import float32
+from ._common import float32
 from .base import DistillMethod, Reads, Step, register_method
 
 

@@ -6,19 +6,12 @@ from dataclasses import replace
 import torch
 
 from ..review import ReviewFusion, hcl_loss
-from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
-from .kd import kd_loss
-
-
-def _stage_hint(n_student: int, n_teacher: int) -> str:
-    """Suggest keeping the deepest stages of the side that has more."""
-    if n_teacher > n_student:
-        return f"teacher_stages={list(range(n_teacher - n_student + 1, n_teacher + 1))}"
-    return f"student_stages={list(range(n_student - n_teacher + 1, n_student + 1))}"
+from ._common import OptionalKD, require_equal_stage_counts
+from .base import DistillMethod, Reads, RunContext, Step, register_method
 
 
 @register_method
-class ReviewKD(DistillMethod):
+class ReviewKD(OptionalKD, DistillMethod):
     """Review mechanism: ABF fusion deep -> shallow, HCL against the teacher's entries.
 
     Student features are post-activation stage outputs (``student_preact=True`` takes
@@ -46,18 +39,13 @@ class ReviewKD(DistillMethod):
         super().__init__()
         self.weight, self.warmup_epochs = float(weight), float(warmup_epochs)
         self.mid_channels = mid_channels
-        self.kd_weight, self.temperature = float(kd_weight), float(temperature)
-        self.reads = replace(self.reads, student_features="pre" if student_preact else "post", logits=self.kd_weight > 0)
+        self.reads = replace(self.reads, student_features="pre" if student_preact else "post")
+        self.init_kd(kd_weight, temperature)
         self.fusion: ReviewFusion | None = None
 
     def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
+        require_equal_stage_counts(probe, "ReviewKD's review mechanism")
         s, t = probe.student_features, probe.teacher_features
-        if len(s) != len(t):
-            raise IncompatiblePairError(
-                f"{probe.student_name} has {len(s) - 1} stages and {probe.teacher_name} has {len(t) - 1} "
-                f"(each plus the pooled feature); the review mechanism pairs them one to one: choose "
-                f"stages, e.g. {_stage_hint(len(s) - 1, len(t) - 1)} (1-based, shallow to deep)"
-            )
         self.fusion = ReviewFusion(
             [f.shape[1] for f in s],
             [f.shape[1] for f in t],
@@ -72,7 +60,5 @@ class ReviewKD(DistillMethod):
         # The teacher's sizes of this step (equal to the probe's for fixed-size inputs; detection
         # batches change size from step to step).
         fused = self.fusion(step.student_features, [t.shape[-2:] for t in step.teacher_features])
-        losses = {"reviewkd": self.weight * self.warmup_factor(step.epoch) * hcl_loss(fused, step.teacher_features)}
-        if self.kd_weight > 0:
-            losses["kd"] = self.kd_weight * kd_loss(step.student_logits, step.teacher_logits, self.temperature)
-        return losses
+        loss = self.weight * self.warmup_factor(step.epoch) * hcl_loss(fused, step.teacher_features)
+        return self.add_kd({"reviewkd": loss}, step)

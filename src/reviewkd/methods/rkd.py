@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .at import float32
+from ._common import float32
 from .base import DistillMethod, Reads, Step, register_method
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .at import float32
-from .base import DistillMethod, Reads, RunContext, Step, register_method, require_stage_maps
+from ._common import float32, require_stage_maps
+from .base import DistillMethod, Reads, RunContext, Step, register_method
 
 
 def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class SP(DistillMethod):
         self.weight = float(weight)
 
     def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
-        require_stage_maps(self, probe)
+        require_stage_maps(probe, self.name)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         return {"sp": self.weight * sp_loss(step.student_features[-2], step.teacher_features[-2])}

@@ -31,33 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
-
-
-def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pool whichever map is larger so both end up with the smaller height and width."""
-    h, w = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
-    if tuple(a.shape[-2:]) != (h, w):
-        a = F.adaptive_avg_pool2d(a, (h, w))
-    if tuple(b.shape[-2:]) != (h, w):
-        b = F.adaptive_avg_pool2d(b, (h, w))
-    return a, b
-
-
-def require_equal_stage_counts(probe: Step, method: str) -> int:
-    """The number of stages both sides have; a clear error with a fix when they differ."""
-    ns, nt = len(probe.student_features) - 1, len(probe.teacher_features) - 1
-    if ns != nt:
-        hint = (
-            f"teacher_stages={list(range(nt - ns + 1, nt + 1))}"
-            if nt > ns
-            else f"student_stages={list(range(ns - nt + 1, ns + 1))}"
-        )
-        raise IncompatiblePairError(
-            f"{method} pairs stages one to one but {probe.student_name} has {ns} stages and "
-            f"{probe.teacher_name} has {nt}: choose stages, e.g. {hint} (1-based, shallow to deep)"
-        )
-    return ns
+from ._common import match_spatial, require_equal_stage_counts
+from .base import DistillMethod, Reads, RunContext, Step, register_method
 
 
 def vid_nll(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor, eps: float) -> torch.Tensor:

@@ -36,7 +36,13 @@ def _short(keys: list[str], limit: int = 6) -> str:
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
-    expected = model.state_dict()
+    name = getattr(model, "model_name", type(model).__name__)
+    compare_state(model.state_dict(), state, what, name)
+
+
+def compare_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str = "checkpoint",
+                  name: str = "the model") -> None:
+    """One-line error naming ``what`` and the first missing / unexpected / wrongly shaped keys."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
@@ -52,7 +58,6 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], what: 
             parts.append(f"unexpected keys: {_short(unexpected)}")
         if wrong:
             parts.append(f"wrong shapes: {_short(wrong, 4)}")
-        name = getattr(model, "model_name", type(model).__name__)
         raise CheckpointMismatchError(
             f"{what} does not match {name}: " + "; ".join(parts)
             + ". Check that the file was trained for this architecture and number of classes."

@@ -1,5 +1,6 @@
 """Recipes: which networks train, in which stages, with which optimiser groups (see base.py)."""
 from .base import Group, Recipe, Stage, StepOutput
 from .distill import Distiller
+from .teachers import PrecomputedTeacher
 
-__all__ = ["Distiller", "Group", "Recipe", "Stage", "StepOutput"]
+__all__ = ["Distiller", "PrecomputedTeacher", "Group", "Recipe", "Stage", "StepOutput"]

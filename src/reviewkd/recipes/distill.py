@@ -7,7 +7,9 @@ distillation with one optimiser group over the student and the method's modules.
 
 The teacher is frozen: no gradients, always in eval mode (also after ``.train()``), run under
 ``torch.inference_mode``. It may read another input of the batch than the student
-(``teacher_input``, e.g. a frame of the clip or another resolution). The method configures itself
+(``teacher_input``, e.g. a frame of the clip or another resolution), or be a
+:class:`~reviewkd.recipes.teachers.PrecomputedTeacher` read by the batch's dataset indices (samples
+without an entry are masked: ``Step.teacher_mask``). The method configures itself
 from one probe pass of both networks on a dummy batch of ``input_size``; ``student_stages`` /
 ``teacher_stages`` (1-based) pick stages when the two networks have different numbers of them.
 """
@@ -24,6 +26,7 @@ from ..batch import Batch
 from ..features import FeatureSpec, FeatureTaps, feature_spec_of, stage_batchnorms
 from ..methods import DistillMethod, RunContext, Step, create_method
 from .base import Group, Recipe, Stage, StepOutput
+from .teachers import PrecomputedTeacher
 
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -97,7 +100,7 @@ class Distiller(Recipe):
         reads = self.method.reads
 
         def taps(model, spec, stages, kind):
-            if kind is None or model is None:
+            if kind is None or model is None or isinstance(model, PrecomputedTeacher):
                 return None
             return FeatureTaps(model, (spec or feature_spec_of(model)).select(stages), kind)
 
@@ -152,6 +155,13 @@ class Distiller(Recipe):
         return outputs, feats, task_losses, {}
 
     def _teacher_pass(self, batch: Batch, shared: dict) -> tuple[torch.Tensor | None, list | None]:
+        if isinstance(self.teacher, PrecomputedTeacher):
+            values, shared["teacher_mask"] = self.teacher.lookup(batch.index)
+            if self.teacher.kind == "logits":
+                return values, None
+            return None, [values.view(*values.shape, *(1,) * max(0, 4 - values.dim()))]
+        if self.teacher_input not in batch.inputs:
+            raise KeyError(f"the teacher reads input {self.teacher_input!r}, the batch has {sorted(batch.inputs)}")
         x = batch.inputs[self.teacher_input]
         if self._teacher_taps is not None:
             return self._teacher_taps(x)
@@ -166,6 +176,8 @@ class Distiller(Recipe):
             # Inference tensors cannot be saved for backward; the losses need ordinary copies.
             t_logits = None if t_logits is None else t_logits.clone()
             t_feats = None if t_feats is None else [f.clone() for f in t_feats]
+            if "teacher_mask" in shared:
+                shared["teacher_mask"] = shared["teacher_mask"].clone()
         reads = self.method.reads
         step = Step(
             student_logits=shared.get("student_logits", outputs),
@@ -173,6 +185,7 @@ class Distiller(Recipe):
             teacher_logits=t_logits,
             student_features=s_feats,
             teacher_features=t_feats,
+            teacher_mask=shared.get("teacher_mask"),
             epoch=float(epoch),
             index=batch.index if reads.index else None,
             inputs=batch.inputs if (reads.inputs or reads.input_grads) else None,
