@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from reviewkd.config import load_config
-from reviewkd.engine.trainer import Trainer
+from reviewkd.engine.loop import Run
 from reviewkd.methods import list_methods, method_options
 from reviewkd.models.summary import format_table
 
@@ -36,7 +36,7 @@ def main() -> None:
     common = [f"output_dir={args.runs}", f"data.subset={args.subset}"]
     teacher = load_config(CONFIGS / "teacher_resnet20.yaml", common + [f"solver.epochs={args.teacher_epochs}"])
     if not (teacher.run_dir / "best.pt").is_file():
-        Trainer(teacher, resume=(teacher.run_dir / "last.pt").is_file()).fit()
+        Run(teacher, resume=(teacher.run_dir / "last.pt").is_file()).fit()
 
     rows = []
     for method in args.methods or list(list_methods()):
@@ -51,10 +51,10 @@ def main() -> None:
             overrides.append("method.options.pretrain_epochs=1")
         cfg = load_config(file, overrides)
         start = time.perf_counter()
-        result = Trainer(cfg, resume=(cfg.run_dir / "last.pt").is_file()).fit()
+        result = Run(cfg, resume=(cfg.run_dir / "last.pt").is_file()).fit()
         steps = len(result.history) * (args.subset // cfg.data.batch_size)  # full batches per epoch
-        train_seconds = sum(r["epoch_seconds"] for r in result.history)
-        rows.append({"method": method, "top1": result.final_top1, "best_top1": result.best_top1,
+        train_seconds = sum(r["seconds"] for r in result.history)
+        rows.append({"method": method, "top1": result.metrics["test_top1"], "best_top1": result.best_score,
                      "ms_per_step": 1000 * train_seconds / max(steps, 1), "wall_s": time.perf_counter() - start})
 
     out = Path(args.out)

@@ -270,6 +270,25 @@ def test_detection_configs_validate_and_refuse_epoch_settings(tmp_path, shapes):
     assert load_config(REPO / "configs" / "fashion_mnist" / "teacher_resnet20.yaml").task == "classification"
 
 
+class Killed(BaseException):
+    """A hard stop that nothing of ours catches."""
+
+
+def test_a_non_finite_detection_loss_stops_the_run_without_a_checkpoint(tmp_path, shapes, capsys, monkeypatch):
+    losses = DetectionDistiller.losses
+
+    def nan_losses(self, *args, **kwargs):
+        outputs, terms = losses(self, *args, **kwargs)
+        return outputs, {k: v * float("nan") for k, v in terms.items()}
+
+    monkeypatch.setattr(DetectionDistiller, "losses", nan_losses)
+    capsys.readouterr()
+    assert cli(["train", str(_tiny_config(tmp_path, shapes)), "name=nan", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "loss became nan at iteration 2" in err and "No checkpoint" in err
+    assert not (tmp_path / "runs" / "nan" / "last.pt").exists()
+
+
 def test_resume_of_an_iteration_run_matches_an_uninterrupted_one_and_export(tmp_path, shapes, capsys):
     whole = _tiny_config(tmp_path, shapes)
     assert cli(["train", str(whole), "name=whole", "--no-progress"]) == 0
@@ -287,6 +306,34 @@ def test_resume_of_an_iteration_run_matches_an_uninterrupted_one_and_export(tmp_
     assert rows[0].startswith("iteration,") and "box_AP" in rows[0] and len(rows) == 1 + 4
     assert (parts_dir / "curves.png").is_file() and (parts_dir / "best.pt").is_file()
     assert all(math.isfinite(b["metrics"][k]) for k in ("box_AP", "box_AP50", "box_AP75", "box_APs", "box_APm"))
+
+    # a run killed in the middle (iteration 5, after the checkpoint at 3) resumes to the same weights
+    losses, calls = DetectionDistiller.losses, {"n": 0}
+
+    def killing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed
+        return losses(self, *args, **kwargs)
+
+    DetectionDistiller.losses = killing
+    try:
+        with pytest.raises(Killed):
+            cli(["train", str(whole), "name=killed", "--no-progress"])
+    finally:
+        DetectionDistiller.losses = losses
+    assert torch.load(tmp_path / "runs" / "killed" / "last.pt", weights_only=True)["iteration"] == 3
+    assert cli(["train", str(whole), "name=killed", "--no-progress", "--resume"]) == 0
+    c = torch.load(tmp_path / "runs" / "killed" / "last.pt", weights_only=True)
+    for key, value in a["student"].items():
+        assert torch.equal(value, c["student"][key]), key
+    assert a["metrics"] == c["metrics"]
+    # the finished run is not overwritten by starting it again
+    before = (tmp_path / "runs" / "whole" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert cli(["train", str(whole), "name=whole", "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "whole" / "last.pt").read_bytes() == before
 
     capsys.readouterr()
     assert cli(["eval", str(parts_dir / "last.pt")]) == 0

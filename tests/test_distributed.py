@@ -159,3 +159,29 @@ def test_crd_memory_banks_stay_identical_across_ranks(tmp_path):
     changed = (ranks[0][bank] != initial[bank]).any(dim=1)
     # the rows of both ranks' samples (0..7) were updated on every rank, the others not
     assert changed[:8].all() and not changed[8:].any()
+
+
+def test_torchrun_trains_the_teacher_first_and_records_what_eval_reports(tmp_path, capsys):
+    """Both processes train the missing teacher together, then distil from the same finished one;
+    the accuracies the run records (teacher's and student's) are what `reviewkd eval` reports."""
+    from reviewkd.cli import main
+
+    common = "data: {name: fashion_mnist, batch_size: 64, subset: 256, eval_batch_size: 128}\n" \
+             "solver: {lr: 0.05, epochs: 1, schedule: cosine}\nruntime: {precision: fp32}\n"
+    (tmp_path / "teacher.yaml").write_text(f"name: teacher\noutput_dir: {tmp_path}\nmodel: {{name: resnet14}}\n{common}")
+    (tmp_path / "student.yaml").write_text(
+        f"name: student\noutput_dir: {tmp_path}\nmodel: {{name: resnet8}}\nmethod: {{name: kd}}\n"
+        f"teacher: {{name: resnet14, checkpoint: {tmp_path}/teacher/best.pt, config: {tmp_path}/teacher.yaml}}\n{common}")
+    result = _torchrun([str(tmp_path / "student.yaml"), "--no-progress"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("best top-1") == 2  # rank 0 reports the teacher's run and the student's
+
+    def evaluated(path: Path) -> float:
+        capsys.readouterr()
+        assert main(["eval", str(path)]) == 0
+        header, row = [line.split() for line in capsys.readouterr().out.strip().splitlines()[::2]]
+        return float(dict(zip(header, row))["test_top1"])
+
+    student = torch.load(tmp_path / "student" / "last.pt", weights_only=True)
+    assert student["teacher_metrics"]["test_top1"] == pytest.approx(evaluated(tmp_path / "teacher" / "best.pt"), abs=0.006)
+    assert student["metrics"]["test_top1"] == pytest.approx(evaluated(tmp_path / "student" / "last.pt"), abs=0.006)

@@ -37,21 +37,16 @@ def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    if world_size() == 1:
-        return tensor
-    out = tensor.clone()
-    dist.all_reduce(out)
-    return out / world_size()
-
-
-@torch.no_grad()
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return tensor
     out = tensor.clone()
     dist.all_reduce(out)
     return out
+
+
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    return sum_over_ranks(tensor) / world_size() if world_size() > 1 else tensor
 
 
 @torch.no_grad()
