@@ -285,7 +285,7 @@ def test_a_non_finite_detection_loss_stops_the_run_without_a_checkpoint(tmp_path
     capsys.readouterr()
     assert cli(["train", str(_tiny_config(tmp_path, shapes)), "name=nan", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "loss became nan at iteration 2" in err and "No checkpoint" in err
+    assert len(err.splitlines()) == 1 and "loss became nan at iteration 1" in err and "No checkpoint" in err
     assert not (tmp_path / "runs" / "nan" / "last.pt").exists()
 
 
@@ -327,7 +327,7 @@ def test_resume_of_an_iteration_run_matches_an_uninterrupted_one_and_export(tmp_
     c = torch.load(tmp_path / "runs" / "killed" / "last.pt", weights_only=True)
     for key, value in a["student"].items():
         assert torch.equal(value, c["student"][key]), key
-    assert a["metrics"] == c["metrics"]
+    assert str(a["metrics"]) == str(c["metrics"])  # as text: AP of an absent size is nan, which != itself
     # the finished run is not overwritten by starting it again
     before = (tmp_path / "runs" / "whole" / "last.pt").read_bytes()
     capsys.readouterr()

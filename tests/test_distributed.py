@@ -174,7 +174,8 @@ def test_torchrun_trains_the_teacher_first_and_records_what_eval_reports(tmp_pat
         f"teacher: {{name: resnet14, checkpoint: {tmp_path}/teacher/best.pt, config: {tmp_path}/teacher.yaml}}\n{common}")
     result = _torchrun([str(tmp_path / "student.yaml"), "--no-progress"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("best top-1") == 2  # rank 0 reports the teacher's run and the student's
+    assert result.stdout.count("best top-1") == 1  # only rank 0 reports
+    assert torch.load(tmp_path / "teacher" / "last.pt", weights_only=True)["done"]
 
     def evaluated(path: Path) -> float:
         capsys.readouterr()

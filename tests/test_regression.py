@@ -15,7 +15,7 @@ from reviewkd.engine.checkpoint import load_checkpoint
 
 @pytest.fixture(scope="module")
 def ages(tmp_path_factory) -> Path:
-    return make_synthetic_regression(tmp_path_factory.mktemp("ages") / "data", n=320, image_size=32, seed=0)
+    return make_synthetic_regression(tmp_path_factory.mktemp("ages") / "data", n=1024, image_size=32, seed=0)
 
 
 def config(tmp_path: Path, ages: Path) -> Path:
@@ -26,7 +26,7 @@ output_dir: {tmp_path}
 data: {{name: regression, root: {ages}, image_size: 32, batch_size: 64, eval_batch_size: 128}}
 regression: {{loss: mse, normalise: standard, test_fraction: 0.2}}
 model: {{name: resnet8}}
-solver: {{lr: 0.05, epochs: 3, schedule: cosine}}
+solver: {{lr: 0.01, epochs: 3, schedule: cosine}}
 runtime: {{device: cpu, precision: fp32, deterministic: true}}
 """)
     return path
@@ -51,11 +51,11 @@ def test_a_regression_run_trains_evaluates_resumes_and_exports(tmp_path, ages, c
     assert whole["metrics"] == parts["metrics"]
 
     # MAE in years: it learnt something (a constant prediction of the mean errs by about 22 years
-    # on targets uniform in 1..90), and the score that picks best.pt is the lowest MAE.
+    # on targets uniform in 1..90; this run reaches about 5), and the lowest MAE picks best.pt.
     rows = list(csv.DictReader(open(tmp_path / "whole" / "metrics.csv")))
     maes = [float(r["test_mae"]) for r in rows]
     assert len(rows) == 3 and whole["score_key"] == "test_mae" and whole["best_score"] == min(maes)
-    assert min(maes) < 20.0
+    assert min(maes) < 12.0
     assert load_checkpoint(tmp_path / "whole" / "best.pt")["metrics"]["test_mae"] == min(maes)
     scaler = TargetScaler.from_dict(whole["target_scaler"])
     assert scaler.kind == "standard" and 30 < scaler.a < 60  # the training targets' mean, in years

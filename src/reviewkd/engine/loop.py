@@ -497,7 +497,8 @@ class Run:
         parts = [f"{where}: loss {row['loss_total']:.4f}"]
         parts += [f"{k} {v:.2f}%" for k, v in row.items() if k.startswith("train_") and isinstance(v, float)]
         if self.task.score_key in row:
-            parts.append(self.task.describe(row) + f" (best {self.best_score:.2f})")
+            best = "-" if self.best_score is None else f"{self.best_score:.2f}"
+            parts.append(self.task.describe(row) + f" (best {best})")
         parts.append(f"{row['seconds']:.1f}s")
         return ", ".join(parts)
 
