@@ -155,10 +155,14 @@ def _score_figure(rows: list[dict], curves: dict[str, list[dict]], demo: Demo, p
         bars = ax_bar.bar(xs, [row[k] for k in demo.metrics], width=width, label=f"{row['role']} ({row['model']})")
         ax_bar.bar_label(bars, fmt="%.1f", fontsize=7)
     ax_bar.set_xticks(range(len(demo.metrics)), [demo.headers[k] for k in demo.metrics])
+    finite = [row[k] for row in rows for k in demo.metrics if row[k] == row[k]]
+    if finite:  # zoom on the differences: bars from a little below the lowest value
+        ax_bar.set_ylim(bottom=max(0.0, min(finite) - 5.0), top=max(finite) + 2.0)
     ax_bar.set(title="final")
-    for ax in (ax_curve, ax_bar):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(fontsize=8)
+    ax_bar.grid(alpha=0.3)
+    ax_bar.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(demo.title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

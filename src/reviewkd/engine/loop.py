@@ -121,6 +121,8 @@ def plan_teacher(cfg: Config) -> TeacherPlan:
                           "to train it" if t.checkpoint else "teacher needs a checkpoint or a config (teacher.checkpoint / "
                           "teacher.config)")
     tcfg = load_config(t.config)
+    if tcfg.model.name != t.name:
+        raise ConfigError(f"teacher.name is {t.name} but its config {t.config} trains {tcfg.model.name}: make them agree")
     best = tcfg.run_dir / "best.pt"
     if best.is_file() and _finished(tcfg.run_dir / "last.pt"):
         return TeacherPlan(t.name, path if path is not None and path.is_file() else best)
@@ -145,6 +147,7 @@ class Run:
         self.dist, self.device = init_distributed(cfg.runtime.device)
         self.precision = resolve_precision(cfg.runtime.precision, self.device)
         self.run_dir = cfg.run_dir
+        self._start_note: Optional[str] = None
         self._check_run_dir()
         self.teacher_plan = plan_teacher(cfg)
         self.probe = self._probe_architectures()
@@ -193,16 +196,10 @@ class Run:
         cfg, recipe = self.cfg, self.probe
         lines = ["# resolved config", cfg.to_yaml().rstrip(), "", "# models"]
         lines.append(f"student  {cfg.model.name}: {count_parameters(recipe.deployable()):,} parameters")
-        teacher = getattr(recipe, "teacher", None)
+        teacher = recipe.frozen_teacher()
         if teacher is not None:
             lines.append(f"teacher  {cfg.teacher.name}: {count_parameters(teacher):,} parameters")
-        method = getattr(recipe, "method", None)
-        if method is not None:
-            extra = count_parameters(method)
-            lines += ["", f"# method {cfg.method.name} (reads {_reads(method.reads)}; {extra:,} trainable parameters "
-                          "of its own)"]
-            for i, (s, t) in enumerate(recipe.feature_pairs()):
-                lines.append(f"entry {i + 1}: student {s} -> teacher {t}")
+        lines += ["", *recipe.describe()]
         stages = ", ".join(f"{s.name} ({s.epochs} epochs)" if s.epochs else s.name for s in recipe.stages())
         lines += ["", f"# stages: {stages}", f"# teacher: {self.teacher_plan.describe()}",
                   f"# output: {self.run_dir}", f"# device {self.device}, precision {self.precision}"]
@@ -333,12 +330,13 @@ class Run:
     # ------------------------------------------------------------------ run
     def fit(self) -> RunResult:
         log, start = None, time.perf_counter()
+        self.probe = None  # the architecture probe's networks are not needed any more
         try:
             if self.dist.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 for path in remove_stale_temporaries(self.run_dir):
                     self._say(f"removed {path.name}, left by a checkpoint write that was interrupted")
-                if getattr(self, "_start_note", None):
+                if self._start_note:
                     self._say(self._start_note)
             self._build()
             cfg = self.cfg
@@ -350,7 +348,7 @@ class Run:
             self._say(f"{cfg.name}: {cfg.model.name} ({n_params / 1e6:.2f}M parameters), method {cfg.method.name}, "
                       f"{self.data.num_train} training samples, device {self.device}, precision {self.precision}, "
                       f"{self.dist.world_size} process(es), {self._plan_text()}")
-            teacher = getattr(self.recipe, "teacher", None)
+            teacher = self.recipe.frozen_teacher()
             if teacher is not None and self.teacher_metrics is None:
                 self.teacher_metrics = self.task.evaluate(teacher, self.data, self.device, self.precision, self._bars())
                 self._say(f"teacher {cfg.teacher.name}: {self.task.describe(self.teacher_metrics)}")
@@ -388,8 +386,8 @@ class Run:
         if self.stage_iteration >= total:
             return True
         groups = [self.optimisers[g.name] for g in self.recipe.groups(stage)]
-        # Earlier stages draw their batches from other seeds than the main stage's epochs.
-        stream = self.data.train_batches(self.stage_iteration, 0 if main else -(1 + self.stage_index) * 1_000_000)
+        # earlier stages draw their batches from other seeds than the main stage's epochs
+        stream = self.data.train_batches(self.stage_iteration, len(self.stages) - 1 - self.stage_index)
         if self._rng is not None:
             set_rng_state(self._rng)
             self._rng = None
@@ -495,7 +493,8 @@ class Run:
         where = (f"iteration {row['iteration']}/{total}" if x == "iteration"
                  else f"{'epoch' if stage.logged else stage.name + ' epoch'} {row['epoch']}/{_units(total, self.data.steps_per_epoch)}")
         parts = [f"{where}: loss {row['loss_total']:.4f}"]
-        parts += [f"{k} {v:.2f}%" for k, v in row.items() if k.startswith("train_") and isinstance(v, float)]
+        if self.task.describe_train(row):
+            parts.append(self.task.describe_train(row))
         if self.task.score_key in row:
             best = "-" if self.best_score is None else f"{self.best_score:.2f}"
             parts.append(self.task.describe(row) + f" (best {best})")
@@ -554,13 +553,6 @@ def _probe_context(cfg: Config, num_outputs: int):
 
     n = max(2 * num_outputs, 2)
     return RunContext(num_samples=n, train_targets=torch.arange(n) % max(num_outputs, 2), num_classes=num_outputs)
-
-
-def _reads(reads) -> str:
-    parts = [f"{side} {kind} features" for side, kind in (("student", reads.student_features),
-                                                          ("teacher", reads.teacher_features)) if kind]
-    parts += [name for name in ("logits", "targets", "index", "inputs", "input_grads") if getattr(reads, name)]
-    return ", ".join(parts) or "nothing"
 
 
 def _describe_checkpoint(path: Path) -> str:

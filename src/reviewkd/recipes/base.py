@@ -82,6 +82,14 @@ class Recipe(nn.Module):
         """The network that is evaluated, saved as the student and exported."""
         raise NotImplementedError
 
+    def frozen_teacher(self) -> Optional[nn.Module]:
+        """A pretrained teacher the run evaluates once at the start (None: there is none)."""
+        return None
+
+    def describe(self) -> list[str]:
+        """Lines for ``--dry-run``: what trains and what it reads."""
+        return []
+
     def trained_state(self) -> dict[str, dict]:
         """Named state dicts of everything that trains (saved in checkpoints; frozen parts left out)."""
         return {"student": self.deployable().state_dict()}

@@ -267,7 +267,21 @@ class Distiller(Recipe):
         """What the method's pre-training stage optimises (empty when it has none)."""
         return self.method.pretrain_parameters(self.student) if self.method.pretraining else []
 
+    def frozen_teacher(self) -> nn.Module | None:
+        return self.teacher
+
     def feature_pairs(self) -> list[tuple[tuple, tuple]]:
         """(student shape, teacher shape) of each feature entry of the probe pass."""
         s, t = self.probe_step.student_features or [], self.probe_step.teacher_features or []
         return [(tuple(a.shape[1:]), tuple(b.shape[1:]) if b is not None else ()) for a, b in zip(s, t)]
+
+    def describe(self) -> list[str]:
+        reads = self.method.reads
+        sides = [f"{side} {kind} features" for side, kind in (("student", reads.student_features),
+                                                              ("teacher", reads.teacher_features)) if kind]
+        sides += [name for name in ("logits", "targets", "index", "inputs", "input_grads") if getattr(reads, name)]
+        own = sum(p.numel() for p in self.method.parameters())
+        lines = [f"# method {self.method.name} (reads {', '.join(sides) or 'nothing'}; {own:,} trainable parameters "
+                 "of its own)"]
+        lines += [f"entry {i + 1}: student {s} -> teacher {t}" for i, (s, t) in enumerate(self.feature_pairs())]
+        return lines

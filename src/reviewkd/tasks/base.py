@@ -16,9 +16,10 @@ from ..methods import RunContext
 
 @dataclass
 class TaskData:
-    """A task's data for one run. ``train_batches(start, seed_epoch)`` yields endless training
-    batches from iteration ``start``; ``seed_epoch(e)`` maps a pass over the data to the loader's
-    epoch seed (earlier stages of a recipe use other seeds than the main one)."""
+    """A task's data for one run. ``train_batches(start, earlier)`` yields endless training batches
+    from iteration ``start`` of a stage; ``earlier`` counts the stages between it and the main
+    (last) one, whose passes are seeded by their epoch e; the stage just before it draws its batches
+    from the negative epochs -1 - e, earlier ones from further below."""
 
     train: Any
     test: Any
@@ -30,15 +31,15 @@ class TaskData:
     num_train: int = 0
     num_test: int = 0
 
-    def train_batches(self, start: int, epoch_offset: int = 0) -> Iterator[Batch]:
+    def train_batches(self, start: int, earlier: int = 0) -> Iterator[Batch]:
         """Must not draw from the global RNG after it returns, except as the uninterrupted run
         would (the loop restores the RNG state of a resumed run right after this call)."""
-        return self._passes(start, epoch_offset)
+        return self._passes(start, earlier)
 
-    def _passes(self, start: int, epoch_offset: int) -> Iterator[Batch]:
+    def _passes(self, start: int, earlier: int) -> Iterator[Batch]:
         epoch, skip = divmod(start, self.steps_per_epoch)
         while True:
-            self.train.set_epoch(epoch + epoch_offset)
+            self.train.set_epoch(epoch if earlier == 0 else -1 - epoch - 1_000_000 * (earlier - 1))
             for i, batch in enumerate(self.train):
                 if i >= skip:
                     yield batch
@@ -96,6 +97,10 @@ class Task:
     def build_eval_data(self, cfg, device) -> TaskData:
         """What evaluating a checkpoint needs (by default the run's data)."""
         return self.build_data(cfg, device)
+
+    def describe_train(self, row: dict) -> str:
+        """The training metrics of a history row, as a person reads them ("" when there are none)."""
+        return ""
 
     def describe(self, metrics: dict[str, float]) -> str:
         """One line of the metrics a person wants to see."""

@@ -105,6 +105,9 @@ class ClassificationTask(Task):
     def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False) -> dict[str, float]:
         return evaluate_classifier(model, data.test, device, precision)
 
+    def describe_train(self, row: dict) -> str:
+        return f"train top-1 {row['train_top1']:.2f}%" if "train_top1" in row else ""
+
     def describe(self, m: dict[str, float]) -> str:
         return f"top-1 {m['test_top1']:.2f}% (top-5 {m['test_top5']:.2f}%)"
 

@@ -42,7 +42,7 @@ class DetectionData(TaskData):
     device: Any = None
     masks: bool = False
 
-    def train_batches(self, start: int, epoch_offset: int = 0):
+    def train_batches(self, start: int, earlier: int = 0):
         # The DataLoader's iterator is made now, not at the first batch: making it draws from the
         # global RNG, which the loop restores right after this call when it resumes a run.
         batches = iter(self.train.train_loader(start_iter=start))

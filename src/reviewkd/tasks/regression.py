@@ -87,6 +87,9 @@ class RegressionTask(ClassificationTask):
     def train_metrics(self, sums, count) -> dict[str, float]:
         return {}
 
+    def describe_train(self, row: dict) -> str:
+        return ""
+
     def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False) -> dict[str, float]:
         return evaluate_regressor(model, data.test, TargetScaler.from_dict(data.meta["target_scaler"]), device, precision)
 
