@@ -12,7 +12,7 @@ ResNet blocks call one ReLU module twice: the input of the second call is the pr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch

@@ -35,7 +35,6 @@ from ..tasks import get_task
 from .checkpoint import FORMAT, atomic_save, load_checkpoint, remove_stale_temporaries, rng_state, set_rng_state
 from .metrics import MetricsLog
 from .runtime import autocast, init_distributed, resolve_precision, seed_everything
-from .schedule import RunSchedule
 
 
 class TrainingError(RuntimeError):
