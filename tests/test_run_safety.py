@@ -287,3 +287,21 @@ def test_checkpoints_that_do_not_fit_their_architecture_name_file_and_keys(tmp_p
         rc, out, err = run_cli(capsys, argv)
         assert rc == 2 and str(last) in err and "missing keys: fc.weight" in err, (argv[0], err)
         assert len(err.strip().splitlines()) == 1
+
+
+def test_a_teacher_from_an_unfinished_run_is_refused_or_finished_first(tmp_path, capsys):
+    cfg = tiny(tmp_path, "t", "solver.epochs=2")
+    Run(cfg, progress=False, stop_after=1).fit()
+    best = tmp_path / "t" / "best.pt"
+    student = [REPO / "configs" / "fashion_mnist" / "_base.yaml", *TINY, f"output_dir={tmp_path}", "name=s",
+               "method.name=kd", "teacher.name=resnet8", f"teacher.checkpoint={best}", "--dry-run"]
+    rc, out, err = run_cli(capsys, ["train", *student])
+    assert rc == 2 and "has not finished" in err and str(best) in err, err
+    # with its config, the plan is to finish the teacher's run first
+    (tmp_path / "t.yaml").write_text(cfg.to_yaml())
+    rc, out, err = run_cli(capsys, ["train", *student, f"teacher.config={tmp_path / 't.yaml'}"])
+    assert rc == 0 and "# teacher: train resnet8 first" in out, err
+    # a weight file that is no run checkpoint is used as it is
+    torch.save(load_checkpoint(best)["student"], tmp_path / "weights.pt")
+    rc, out, err = run_cli(capsys, ["train", *student[:-2], f"teacher.checkpoint={tmp_path / 'weights.pt'}", "--dry-run"])
+    assert rc == 0 and f"# teacher: load resnet8 from {tmp_path / 'weights.pt'}" in out, err

@@ -114,7 +114,12 @@ def plan_teacher(cfg: Config) -> TeacherPlan:
         raise ConfigError(f"method {cfg.method.name!r} needs a teacher: add a 'teacher' section (name + checkpoint or config)")
     path = Path(t.checkpoint) if t.checkpoint else None
     if path is not None and path.is_file():
-        return TeacherPlan(t.name, path)
+        if _run_checkpoint_unfinished(path):
+            if t.config is None:
+                raise ConfigError(f"teacher checkpoint {path} is from a run that has not finished: continue it with "
+                                  "--resume, or give teacher.config to have it finished first")
+        else:
+            return TeacherPlan(t.name, path)
     if t.config is None:
         raise ConfigError(f"teacher checkpoint not found: {t.checkpoint}; train the teacher first or give teacher.config "
                           "to train it" if t.checkpoint else "teacher needs a checkpoint or a config (teacher.checkpoint / "
@@ -126,6 +131,20 @@ def plan_teacher(cfg: Config) -> TeacherPlan:
     if best.is_file() and _finished(tcfg.run_dir / "last.pt"):
         return TeacherPlan(t.name, path if path is not None and path.is_file() else best)
     return TeacherPlan(t.name, best, tcfg)
+
+
+def _run_checkpoint_unfinished(path: Path) -> bool:
+    """True for a run checkpoint of this toolkit whose run is known not to have reached its end:
+    its ``last.pt`` (beside it, or itself) says so. A plain weight file, or a best.pt moved away
+    from its run, cannot tell and counts as finished."""
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception:
+        return False
+    if ckpt.get("done", True):
+        return False
+    last = path.parent / "last.pt"
+    return not _finished(last) if last.is_file() else path.name == "last.pt"
 
 
 def _finished(last: Path) -> bool:
