@@ -65,7 +65,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_checkpoint, r
     assert halfway["epoch"] == 1 and len(csv_rows(split_dir)) == 1
 
     Run(tiny(tmp_path, "split", *common), resume=True, progress=False).fit()
-    assert "resuming" in (split_dir / "train.log").read_text() and "at distill epoch 1" in (split_dir / "train.log").read_text()
+    assert "resuming" in (split_dir / "train.log").read_text() and "at train epoch 1" in (split_dir / "train.log").read_text()
 
     a = load_checkpoint(tmp_path / "full" / "last.pt")
     b = load_checkpoint(split_dir / "last.pt")

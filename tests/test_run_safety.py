@@ -199,7 +199,7 @@ def test_ctrl_c_says_truthfully_what_was_saved(when, tmp_path):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     if (run_dir / "last.pt").is_file():
         epoch = load_checkpoint(run_dir / "last.pt")["epoch"]
-        assert f"last.pt (at distill epoch {epoch}) is kept: continue with --resume" in err
+        assert f"last.pt (at train epoch {epoch}) is kept: continue with --resume" in err
     else:
         assert when == "before the first checkpoint"
         assert "nothing was saved" in err

@@ -220,7 +220,7 @@ class Distiller(Recipe):
     # ---------------------------------------------------------------- recipe
     def stages(self) -> list[Stage]:
         pre = self.method.pretraining
-        main = Stage("distill", ("main",))
+        main = Stage("train", ("main",))
         if pre is None or pre.epochs <= 0:
             return [main]
         return [Stage("pretrain", ("pretrain",), epochs=pre.epochs, logged=False, evaluated=False), main]
