@@ -58,9 +58,10 @@ def main() -> None:
         teacher_cfg = load_config("configs/fashion_mnist/teacher_resnet20.yaml", [*common, "solver.epochs=1"])
         Run(teacher_cfg, progress=False).fit()
         teacher = teacher_cfg.run_dir / "best.pt"
-        cfg = load_config(f"configs/fashion_mnist/resnet20_resnet8/{args.method}.yaml",
-                          [*common, f"teacher.checkpoint={teacher}", "method.options.warmup_epochs=0"]
-                          if args.method == "reviewkd" else [*common, f"teacher.checkpoint={teacher}"])
+        extra = [] if args.method == "vanilla" else [f"teacher.checkpoint={teacher}"]
+        if args.method == "reviewkd":
+            extra.append("method.options.warmup_epochs=0")  # the HCL term from the first step
+        cfg = load_config(f"configs/fashion_mnist/resnet20_resnet8/{args.method}.yaml", [*common, *extra])
         result = Run(cfg, progress=False).fit()
         steps = args.subset // args.batch
         loop_ms = 1000 * result.history[-1]["seconds"] / steps
