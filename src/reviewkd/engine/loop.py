@@ -253,9 +253,11 @@ class Run:
         seed_everything(cfg.seed, cfg.runtime.deterministic)
         student = task.build_model(cfg.model.name, cfg, self.data.num_outputs)
         if cfg.model.weights:
-            from ..models import load_weights
-
-            load_weights(student, cfg.model.weights)
+            task.load_weights(student, cfg.model.weights)
+        if cfg.runtime.sync_bn and self.dist.enabled:  # BatchNorm statistics over the global batch
+            if self.device.type != "cuda":
+                raise ConfigError("runtime.sync_bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel)")
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.recipe = task.build_recipe(cfg, student, self.teacher, self.data.input_size, self.data.context).to(self.device)
         if cfg.runtime.channels_last and task.name != "detection":
             self.recipe.to(memory_format=torch.channels_last)

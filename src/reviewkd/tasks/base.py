@@ -70,6 +70,12 @@ class Task:
     def build_model(self, name: str, cfg, num_outputs: int) -> nn.Module:
         raise NotImplementedError
 
+    def load_weights(self, model: nn.Module, path) -> nn.Module:
+        """Initial weights of the student from a file (``model.weights``), checked strictly."""
+        from ..models import load_weights
+
+        return load_weights(model, path)
+
     def build_teacher(self, name: str, cfg, num_outputs: int, weights) -> nn.Module:
         """The frozen teacher network with ``weights`` (a path or a state dict) loaded."""
         raise NotImplementedError

@@ -88,12 +88,12 @@ class DetectionTask(Task):
 
     def build_model(self, name: str, cfg, num_outputs: int) -> nn.Module:
         det = cfg.detection
-        model = create_detector(name, num_outputs, backbone_weights=det.backbone_weights,
-                                trainable_layers=det.trainable_layers, frozen_bn=det.frozen_bn,
-                                min_size=det.min_size_test, max_size=det.max_size_test, options=det.detector_options)
-        if cfg.runtime.sync_bn and cfg.runtime.device != "cpu":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model
+        return create_detector(name, num_outputs, backbone_weights=det.backbone_weights,
+                               trainable_layers=det.trainable_layers, frozen_bn=det.frozen_bn,
+                               min_size=det.min_size_test, max_size=det.max_size_test, options=det.detector_options)
+
+    def load_weights(self, model: nn.Module, path) -> nn.Module:
+        return load_detector_weights(model, path)  # reconciles frozen / trainable BatchNorm bookkeeping
 
     def build_teacher(self, name: str, cfg, num_outputs: int, weights) -> nn.Module:
         """A frozen-BatchNorm detector; its number of classes is read from the checkpoint when it
