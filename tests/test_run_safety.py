@@ -245,7 +245,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert "entry 1: student (16, 32, 32) -> teacher (16, 32, 32)" in out
     assert "entry 4: student (64, 1, 1) -> teacher (64, 1, 1)" in out
     assert "# teacher: train resnet20 first from its config (demo_teacher: 5 epochs)" in out
+    assert "shorter than" not in out  # the demo's 4 epochs cover its 1-epoch warm-up
     assert not any(tmp_path.iterdir())
+    rc, out, err = run_cli(capsys, ["train", config, f"output_dir={tmp_path}", "--dry-run", "method.options.warmup_epochs=10"])
+    assert rc == 0 and "this run (4 epochs) is shorter than reviewkd's warm-up (10 epochs)" in out, err
 
 
 def test_pairing_errors_come_before_the_teacher_is_trained_or_data_read(tmp_path, capsys):

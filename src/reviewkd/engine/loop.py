@@ -218,6 +218,7 @@ class Run:
         if teacher is not None:
             lines.append(f"teacher  {cfg.teacher.name}: {count_parameters(teacher):,} parameters")
         lines += ["", *recipe.describe()]
+        lines += recipe.notes(self.cfg.solver.epochs if self.task.schedule_unit == "epoch" else None)
         stages = ", ".join(f"{s.name} ({s.epochs} epochs)" if s.epochs else s.name for s in recipe.stages())
         lines += ["", f"# stages: {stages}", f"# teacher: {self.teacher_plan.describe()}",
                   f"# output: {self.run_dir}", f"# device {self.device}, precision {self.precision}"]
@@ -368,6 +369,8 @@ class Run:
             self._say(f"{cfg.name}: {cfg.model.name} ({n_params / 1e6:.2f}M parameters), method {cfg.method.name}, "
                       f"{self.data.num_train} training samples, device {self.device}, precision {self.precision}, "
                       f"{self.dist.world_size} process(es), {self._plan_text()}")
+            for note in self.recipe.notes(self._epochs()):
+                self._say(note)
             teacher = self.recipe.frozen_teacher()
             if teacher is not None and self.teacher_metrics is None:
                 self.teacher_metrics = self.task.evaluate(teacher, self.data, self.device, self.precision, self._bars())
@@ -390,6 +393,9 @@ class Run:
         self.stage_index = min(self.stage_index, len(self.stages) - 1)
         return RunResult(self.run_dir, self.task.score_key, self.best_score, self.metrics, self.teacher_metrics,
                          count_parameters(self.recipe.deployable()), time.perf_counter() - start, self.history)
+
+    def _epochs(self) -> Optional[float]:
+        return self.schedule.length if self.schedule.x_key == "epoch" else None
 
     def _plan_text(self) -> str:
         parts = [f"{s.name}: {self._stage_length(s)} iterations" for s in self.stages]

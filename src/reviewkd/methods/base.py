@@ -110,6 +110,8 @@ class DistillMethod(nn.Module):
     # Weight of the student's cross-entropy that the method's recipe uses (e.g. 0.1 for KD).
     ce_weight: ClassVar[float] = 1.0
     pretraining: Optional[Pretraining] = None
+    # Epochs over which the method's weight ramps up (0: full weight from the start).
+    warmup_epochs: float = 0.0
 
     def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         """Build connectors from the shapes of a probe pass (features on a dummy batch) and the

@@ -90,6 +90,10 @@ class Recipe(nn.Module):
         """Lines for ``--dry-run``: what trains and what it reads."""
         return []
 
+    def notes(self, epochs: Optional[float]) -> list[str]:
+        """What a person should know before a run of ``epochs`` starts (None: not epoch-based)."""
+        return []
+
     def trained_state(self) -> dict[str, dict]:
         """Named state dicts of everything that trains (saved in checkpoints; frozen parts left out)."""
         return {"student": self.deployable().state_dict()}

@@ -275,6 +275,13 @@ class Distiller(Recipe):
         s, t = self.probe_step.student_features or [], self.probe_step.teacher_features or []
         return [(tuple(a.shape[1:]), tuple(b.shape[1:]) if b is not None else ()) for a, b in zip(s, t)]
 
+    def notes(self, epochs: float | None) -> list[str]:
+        warmup = self.method.warmup_epochs
+        if epochs is not None and warmup > 0 and epochs < warmup:
+            return [f"note: this run ({epochs:g} epochs) is shorter than {self.method.name}'s warm-up ({warmup:g} epochs): "
+                    "its weight never reaches full strength (set method.options.warmup_epochs to change it)"]
+        return []
+
     def describe(self) -> list[str]:
         reads = self.method.reads
         sides = [f"{side} {kind} features" for side, kind in (("student", reads.student_features),

@@ -55,6 +55,7 @@ class Task:
     higher_is_better: bool = True
     curve_scores: dict[str, str] = {}  # metrics plotted on the right of curves.png
     score_axis: Optional[str] = None
+    schedule_unit: str = "epoch"  # what the run's length counts (epoch | iteration)
 
     # ---------------------------------------------------------------- cheap
     def check_config(self, cfg) -> None:

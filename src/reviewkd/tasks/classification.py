@@ -81,7 +81,7 @@ class ClassificationTask(Task):
         s = cfg.solver
         return RunSchedule(unit=steps_per_epoch, length=s.epochs, kind=s.schedule, milestones=tuple(s.milestones),
                            gamma=s.gamma, warmup=s.warmup_epochs, eval_period=cfg.runtime.eval_every * steps_per_epoch,
-                           checkpoint_period=steps_per_epoch, log_period=steps_per_epoch, x_key="epoch")
+                           checkpoint_period=steps_per_epoch, log_period=steps_per_epoch, x_key=self.schedule_unit)
 
     def build_data(self, cfg, device, rank: int = 0, world_size: int = 1) -> TaskData:
         d = cfg.data

@@ -55,6 +55,7 @@ class DetectionTask(Task):
     curve_scores = {"box_AP": "box AP", "mask_AP": "mask AP"}
     score_axis = "COCO AP (%)"
     export_formats = ("pt", "safetensors", "torchscript")
+    schedule_unit = "iteration"
 
     def check_config(self, cfg) -> None:
         if cfg.detection is None:
@@ -120,7 +121,7 @@ class DetectionTask(Task):
         return RunSchedule(unit=1, length=det.max_iter, kind="multistep", milestones=tuple(det.steps),
                            gamma=cfg.solver.gamma, warmup=det.warmup_iters, warmup_start=0.001,
                            eval_period=det.eval_period, checkpoint_period=det.checkpoint_period,
-                           log_period=det.log_period, x_key="iteration")
+                           log_period=det.log_period, x_key=self.schedule_unit)
 
     def _masks(self, cfg) -> bool:
         return parse_name(cfg.model.name)[0] == "maskrcnn"
