@@ -308,3 +308,22 @@ def test_a_teacher_from_an_unfinished_run_is_refused_or_finished_first(tmp_path,
     torch.save(load_checkpoint(best)["student"], tmp_path / "weights.pt")
     rc, out, err = run_cli(capsys, ["train", *student[:-2], f"teacher.checkpoint={tmp_path / 'weights.pt'}", "--dry-run"])
     assert rc == 0 and f"# teacher: load resnet8 from {tmp_path / 'weights.pt'}" in out, err
+
+
+def test_a_run_killed_in_its_pre_training_stage_resumes_to_the_uninterrupted_result(tmp_path, teacher, monkeypatch):
+    """AB's connector pre-training is a stage of its own (own optimiser, checkpoints per epoch)."""
+    overrides = ["method.name=ab", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
+                 "method.options.pretrain_epochs=2", "solver.epochs=1"]
+    Run(tiny(tmp_path, "whole", *overrides), progress=False).fit()
+    _kill_at_step(monkeypatch, 6)  # 4 steps per epoch: the middle of the second pre-training epoch
+    with pytest.raises(Killed):
+        Run(tiny(tmp_path, "killed", *overrides), progress=False).fit()
+    monkeypatch.undo()
+    halfway = load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert (halfway["stage"], halfway["stage_name"], halfway["position"]) == (0, "pretrain", 1)
+    Run(tiny(tmp_path, "killed", *overrides), resume=True, progress=False).fit()
+    a, b = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "killed" / "last.pt")
+    for part in ("student", "method"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert a["metrics"] == b["metrics"] and a["optimizers"].keys() == {"pretrain", "main"}
