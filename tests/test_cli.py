@@ -406,3 +406,15 @@ def test_nan_loss_on_a_fresh_run_claims_no_checkpoint(tiny_config, tmp_path, cap
     assert not (tmp_path / "nan" / "last.pt").exists()
     assert "no checkpoint" in line.lower()
     assert "last good checkpoint is" not in line
+
+
+def test_quick_demo_distils_for_part_of_the_run_from_identical_students(tmp_path, capsys):
+    rc, out, err = run_cli(capsys, ["demo", "--quick", "--out", tmp_path / "demo"])
+    assert rc == 0, err
+    assert "vanilla student" in out and "ReviewKD student" in out and "top-1 points" in out
+    vanilla = load_checkpoint(tmp_path / "demo" / "demo_vanilla" / "last.pt")["history"]
+    review = load_checkpoint(tmp_path / "demo" / "demo_reviewkd" / "last.pt")["history"]
+    # epoch 1 is cross-entropy alone (warm-up) from the same initial weights: the same epoch as the vanilla one
+    assert review[0]["loss_reviewkd"] == 0.0 and review[0]["test_top1"] == vanilla[0]["test_top1"]
+    assert review[1]["loss_reviewkd"] > 0.0  # epoch 2 distils
+    assert (tmp_path / "demo" / "report" / "top1.png").is_file()
