@@ -327,3 +327,32 @@ def test_a_run_killed_in_its_pre_training_stage_resumes_to_the_uninterrupted_res
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
     assert a["metrics"] == b["metrics"] and a["optimizers"].keys() == {"pretrain", "main"}
+
+
+def test_a_validation_split_selects_the_model_and_the_test_set_is_evaluated_once_at_the_end(tmp_path, capsys):
+    from reviewkd.data import build_datasets
+
+    a = build_datasets("fashion_mnist", subset=400, val_split=0.25, seed=0)
+    b = build_datasets("fashion_mnist", subset=400, val_split=0.25, seed=0)
+    assert a.num_samples == 300 and a.val.num_samples == 100 and a.test.num_samples == 400
+    assert torch.equal(a.val.images, b.val.images)
+    assert torch.bincount(a.val.labels, minlength=10).tolist() == [10] * 10  # balanced over the classes
+    # no held-out image is a training image
+    train_rows = {bytes(x.numpy()) for x in a.train.images}
+    assert not any(bytes(x.numpy()) in train_rows for x in a.val.images)
+
+    Run(tiny(tmp_path, "v", "data.val_split=0.25"), progress=False).fit()
+    last, best = load_checkpoint(tmp_path / "v" / "last.pt"), load_checkpoint(tmp_path / "v" / "best.pt")
+    rows = last["history"]
+    assert last["score_key"] == "val_top1" and all("val_top1" in r and "test_top1" not in r for r in rows)
+    assert last["best_score"] == max(r["val_top1"] for r in rows) == best["metrics"]["val_top1"]
+    assert set(last["test_metrics"]) == {"test_top1", "test_top5", "test_loss"}
+
+    def evaluated(path):
+        capsys.readouterr()
+        assert main(["eval", str(path)]) == 0
+        header, row = [line.split() for line in capsys.readouterr().out.strip().splitlines()[::2]]
+        return float(dict(zip(header, row))["test_top1"])
+
+    assert evaluated(tmp_path / "v" / "last.pt") == pytest.approx(last["test_metrics"]["test_top1"], abs=0.006)
+    assert evaluated(tmp_path / "v" / "best.pt") == pytest.approx(last["selected_test_metrics"]["test_top1"], abs=0.006)

@@ -81,9 +81,13 @@ def _cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         task = run.task
         best = "not evaluated yet" if result.best_score is None else f"{result.best_score:.2f}"
-        final = task.describe(result.metrics) if result.metrics else "not evaluated yet"
+        split = "val" if result.score_key.startswith("val_") else "test"
+        final = task.describe(result.metrics, split) if result.metrics else "not evaluated yet"
         teacher = f", teacher {task.describe(result.teacher_metrics)}" if result.teacher_metrics else ""
-        print(f"{cfg.name}: best {task.score_label} {best}, final {final}{teacher}; outputs in {result.run_dir}")
+        test = (f"; test set: final model {task.describe(result.test_metrics)}, selected model "
+                f"{task.describe(result.selected_test_metrics)}" if result.test_metrics else "")
+        print(f"{cfg.name}: best {task.score_label} {best} ({split} set), final {final}{teacher}{test}; "
+              f"outputs in {result.run_dir}")
     return 0
 
 

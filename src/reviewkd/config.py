@@ -30,6 +30,9 @@ class DataConfig(_Section):
     batch_size: int = Field(128, gt=0)  # global batch (split across processes under torchrun)
     eval_batch_size: int = Field(512, gt=0)
     subset: Optional[int] = Field(None, gt=0)  # N train + N test samples (seeded, balanced over classes)
+    # hold this fraction of the training set out for model selection (best.pt) and evaluate the test
+    # set once at the end; None: select on the test set, the convention of the papers' recipes
+    val_split: Optional[float] = Field(None, gt=0, lt=1)
     augment: bool = True
     workers: int = Field(4, ge=0)  # imagefolder only
     image_size: int = Field(224, gt=0)  # imagefolder and regression

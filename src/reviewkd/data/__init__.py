@@ -39,6 +39,7 @@ class DataBundle:
     num_samples: int  # training samples (after ``subset``); indices in train batches are below it
     train_targets: torch.Tensor  # int64 labels of the training samples, CPU
     class_names: Optional[tuple[str, ...]] = None
+    val: Optional[BatchLoader] = None  # held out of the training set (``val_split``) for model selection
 
 
 def subset_indices(
@@ -63,6 +64,23 @@ def subset_indices(
     rank_in_class[by_class] = torch.arange(total) - group_start
     order = torch.sort(rank_in_class, stable=True).indices  # ties keep the random order
     return torch.sort(shuffled[order[:n]]).values
+
+
+# The validation split does not follow the run's seed: teachers and students trained with other
+# seeds hold out the same samples, so none of them selects its model on images another trained on.
+VAL_SPLIT_SEED = 1_000_003
+
+
+def split_validation(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices): ``fraction`` of the samples, spread evenly over the
+    classes, drawn with a fixed seed; both sorted, disjoint, covering every sample."""
+    n_val = max(1, round(fraction * len(labels)))
+    if n_val >= len(labels):
+        raise ValueError(f"data.val_split={fraction} leaves no training sample out of {len(labels)}")
+    val = subset_indices(labels, n_val, VAL_SPLIT_SEED)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[val] = False
+    return torch.nonzero(mask).flatten(), val
 
 
 def _load_tensors(name: str, root, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +117,7 @@ def build_datasets(
     world_size: int = 1,
     subset: Optional[int] = None,
     subset_mode: Literal["balanced", "first"] = "balanced",
+    val_split: Optional[float] = None,
     augment: bool = True,
     drop_last: bool = False,
     channels_last: bool = False,
@@ -112,6 +131,8 @@ def build_datasets(
     ``root=None`` means the dataset's default location (Fashion-MNIST: the Debian package's
     folder or $REVIEWKD_FASHION_MNIST; CIFAR: $REVIEWKD_CIFAR or ./data); ``imagefolder`` needs one.
     ``subset`` keeps ``subset`` training and ``subset`` test samples (see ``subset_indices``).
+    ``val_split`` holds that fraction of the (subset) training set out as ``val`` (see
+    ``split_validation``); the training loader, ``num_samples`` and ``train_targets`` are the rest.
     ``workers``, ``image_size`` and ``resize_size`` (default ``image_size * 256 / 224``) only
     concern ``imagefolder``; the other datasets live on ``device`` and are augmented there.
     """
@@ -121,7 +142,7 @@ def build_datasets(
     distributed = dict(device=device, seed=seed, rank=rank, world_size=world_size)
     if name == "imagefolder":
         return _build_image_folder(
-            root, batch_size, eval_batch_size, subset, subset_mode, augment, drop_last, channels_last,
+            root, batch_size, eval_batch_size, subset, subset_mode, val_split, augment, drop_last, channels_last,
             workers, image_size, resize_size or round(image_size * 256 / 224), distributed,
         )
 
@@ -132,6 +153,11 @@ def build_datasets(
         train_images, train_labels = train_images[keep], train_labels[keep]
         keep = subset_indices(test_labels, subset, seed, subset_mode)
         test_images, test_labels = test_images[keep], test_labels[keep]
+    val = None
+    if val_split is not None:
+        keep, held = split_validation(train_labels, val_split)
+        val_images, val_labels = train_images[held], train_labels[held]
+        train_images, train_labels = train_images[keep], train_labels[keep]
     train_augment = _train_augment(name, augment, channels_last)
     train = TensorLoader(
         train_images, train_labels, batch_size, shuffle=True, drop_last=drop_last,
@@ -141,6 +167,9 @@ def build_datasets(
         test_images, test_labels, eval_batch_size, shuffle=False, drop_last=False,
         augment=train_augment.evaluation(), even_shards=False, **distributed,
     )
+    if val_split is not None:
+        val = TensorLoader(val_images, val_labels, eval_batch_size, shuffle=False, drop_last=False,
+                           augment=train_augment.evaluation(), even_shards=False, **distributed)
     return DataBundle(
         name=name,
         train=train,
@@ -150,11 +179,12 @@ def build_datasets(
         num_samples=len(train_labels),
         train_targets=train_labels.clone(),
         class_names=_class_names(name, root),
+        val=val,
     )
 
 
 def _build_image_folder(
-    root, batch_size, eval_batch_size, subset, subset_mode, augment, drop_last, channels_last,
+    root, batch_size, eval_batch_size, subset, subset_mode, val_split, augment, drop_last, channels_last,
     workers, image_size, resize_size, distributed,
 ) -> DataBundle:
     if root is None:
@@ -172,6 +202,16 @@ def _build_image_folder(
         test_keep = subset_indices(torch.tensor(test_set.targets), subset, distributed["seed"], subset_mode)
         test_set = Subset(test_set, test_keep.tolist())
     common = dict(num_workers=workers, channels_last=channels_last, **distributed)
+    val = None
+    if val_split is not None:  # the held-out images get the evaluation transform
+        keep, held = split_validation(train_targets, val_split)
+        base = train_set.dataset if isinstance(train_set, Subset) else train_set
+        positions = train_set.indices if isinstance(train_set, Subset) else list(range(len(train_set)))
+        held_out = load_image_folder(root, "train", imagenet_transforms(False, image_size, resize_size, mean, std))
+        val = ImageFolderLoader(Subset(held_out, [positions[i] for i in held.tolist()]), eval_batch_size, train=False,
+                                **common)
+        train_set = Subset(base, [positions[i] for i in keep.tolist()])
+        train_targets = train_targets[keep]
     return DataBundle(
         name="imagefolder",
         train=ImageFolderLoader(train_set, batch_size, train=True, drop_last=drop_last, **common),
@@ -181,10 +221,11 @@ def _build_image_folder(
         num_samples=len(train_targets),
         train_targets=train_targets,
         class_names=classes,
+        val=val,
     )
 
 
 __all__ = [
     "DATASETS", "BatchAugment", "BatchLoader", "DataBundle", "ImageFolderLoader", "TensorLoader",
-    "build_datasets", "load_cifar", "load_fashion_mnist", "subset_indices",
+    "build_datasets", "load_cifar", "load_fashion_mnist", "split_validation", "subset_indices",
 ]

@@ -14,6 +14,7 @@ removed at the next start.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class RunResult:
     parameters: int
     train_seconds: float
     history: list[dict]
+    test_metrics: Optional[dict] = None  # with a validation split: the final model on the test set
+    selected_test_metrics: Optional[dict] = None  # ... and the selected one (best.pt)
 
 
 def build_optimizer(group: Group, solver) -> torch.optim.Optimizer:
@@ -250,6 +253,8 @@ class Run:
         # or not a teacher was trained first in this process.
         seed_everything(cfg.seed, cfg.runtime.deterministic)
         self.data = task.build_data(cfg, self.device, self.dist.rank, self.dist.world_size)
+        self.split = self.data.selection_split  # what picks best.pt: a validation split, else the test set
+        self.score_key = task.score_key_for(self.split)
         self.teacher = self._teacher(self.data.num_outputs)
         seed_everything(cfg.seed, cfg.runtime.deterministic)
         student = task.build_model(cfg.model.name, cfg, self.data.num_outputs)
@@ -275,6 +280,8 @@ class Run:
         self.best_score: Optional[float] = None
         self.metrics: dict = {}
         self.teacher_metrics: Optional[dict] = None
+        self.test_metrics: Optional[dict] = None
+        self.selected_test_metrics: Optional[dict] = None
         self.history: list[dict] = []
         self._rng: Optional[dict] = None
         if self.resume:
@@ -299,7 +306,8 @@ class Run:
             "optimizers": {k: o.optimizer.state_dict() for k, o in self.optimisers.items()},
             "schedulers": {k: o.scheduler.state_dict() for k, o in self.optimisers.items()},
             "scaler": self.scaler.state_dict(),
-            "score_key": self.task.score_key, "best_score": self.best_score, "metrics": self.metrics,
+            "score_key": self.score_key, "best_score": self.best_score, "metrics": self.metrics,
+            "test_metrics": self.test_metrics, "selected_test_metrics": self.selected_test_metrics,
             "teacher_metrics": self.teacher_metrics, "history": self.history,
             "rng": rng_state(), "config": self.cfg.model_dump(mode="json"),
         }
@@ -332,6 +340,7 @@ class Run:
         self.stage_index, self.stage_iteration = ckpt["stage"], ckpt["stage_iteration"]
         self.best_score, self.metrics = ckpt["best_score"], ckpt["metrics"]
         self.teacher_metrics, self.history = ckpt["teacher_metrics"], list(ckpt["history"])
+        self.test_metrics, self.selected_test_metrics = ckpt["test_metrics"], ckpt["selected_test_metrics"]
         self._rng = ckpt["rng"]  # restored once the data stream exists (creating it may draw from the RNG)
         saved = ckpt["config"].get("solver", {})
         changed = [k for k, v in self.cfg.solver.model_dump(mode="json").items() if k != "epochs" and saved.get(k) != v]
@@ -380,6 +389,8 @@ class Run:
                 if not self._run_stage(log):
                     break  # stopped early (stop_after)
                 self.stage_index, self.stage_iteration = self.stage_index + 1, 0
+            else:
+                self._final_test()
         except KeyboardInterrupt:
             last = self.run_dir / "last.pt"
             raise Interrupted(
@@ -391,8 +402,24 @@ class Run:
                 log.close()
         collectives.barrier()  # every rank leaves with the files written (e.g. a teacher's best.pt)
         self.stage_index = min(self.stage_index, len(self.stages) - 1)
-        return RunResult(self.run_dir, self.task.score_key, self.best_score, self.metrics, self.teacher_metrics,
-                         count_parameters(self.recipe.deployable()), time.perf_counter() - start, self.history)
+        return RunResult(self.run_dir, self.score_key, self.best_score, self.metrics, self.teacher_metrics,
+                         count_parameters(self.recipe.deployable()), time.perf_counter() - start, self.history,
+                         self.test_metrics, self.selected_test_metrics)
+
+    def _final_test(self) -> None:
+        """With a validation split: the test set, once, for the final and the selected model."""
+        if self.split == "test" or self.test_metrics is not None:
+            return
+        self.stage_index = len(self.stages) - 1
+        evaluate = lambda model: self.task.evaluate(model, self.data, self.device, self.precision)  # noqa: E731
+        self.test_metrics = evaluate(self.eval_model)
+        collectives.barrier()  # best.pt is written by rank 0
+        selected = copy.deepcopy(self.recipe.deployable())
+        selected.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["student"])
+        self.selected_test_metrics = evaluate(selected)
+        self._say(f"test set (evaluated once, at the end): final model {self.task.describe(self.test_metrics)}; "
+                  f"selected on the validation split (best.pt) {self.task.describe(self.selected_test_metrics)}")
+        self._save(is_best=False, done=True)
 
     def _epochs(self) -> Optional[float]:
         return self.schedule.length if self.schedule.x_key == "epoch" else None
@@ -462,11 +489,12 @@ class Run:
                 is_best = False
                 if evaluate:
                     collectives.broadcast_state_dicts(self.recipe.trained_state())
-                    self.metrics = self.task.evaluate(self.eval_model, self.data, self.device, self.precision, self._bars())
+                    self.metrics = self.task.evaluate(self.eval_model, self.data, self.device, self.precision,
+                                                      self._bars(), split=self.split)
                     self.metrics.update(self.recipe.extra_metrics(
-                        lambda m: self.task.evaluate(m, self.data, self.device, self.precision)))
+                        lambda m: self.task.evaluate(m, self.data, self.device, self.precision, split=self.split)))
                     row.update(self.metrics)
-                    score = self.metrics[self.task.score_key]
+                    score = self.metrics[self.score_key]
                     is_best = self.task.better(score, self.best_score)
                     if is_best:
                         self.best_score = score
@@ -521,9 +549,9 @@ class Run:
         parts = [f"{where}: loss {row['loss_total']:.4f}"]
         if self.task.describe_train(row):
             parts.append(self.task.describe_train(row))
-        if self.task.score_key in row:
+        if self.score_key in row:
             best = "-" if self.best_score is None else f"{self.best_score:.2f}"
-            parts.append(self.task.describe(row) + f" (best {best})")
+            parts.append(self.task.describe(row, self.split) + f" (best {best})")
         parts.append(f"{row['seconds']:.1f}s")
         return ", ".join(parts)
 

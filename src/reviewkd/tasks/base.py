@@ -30,6 +30,11 @@ class TaskData:
     meta: dict = field(default_factory=dict)  # saved in checkpoints: what rebuilding the model needs
     num_train: int = 0
     num_test: int = 0
+    val: Any = None  # held-out part of the training set for model selection (None: select on the test set)
+
+    @property
+    def selection_split(self) -> str:
+        return "test" if self.val is None else "val"
 
     def train_batches(self, start: int, earlier: int = 0) -> Iterator[Batch]:
         """Must not draw from the global RNG after it returns, except as the uninterrupted run
@@ -98,8 +103,14 @@ class Task:
     def train_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
         return {}
 
-    def evaluate(self, model: nn.Module, data: TaskData, device, precision: str, progress: bool = False) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: TaskData, device, precision: str, progress: bool = False,
+                 split: str = "test") -> dict[str, float]:
+        """Metrics on ``split`` ("test", or "val" where the data hold a validation split), named
+        ``{split}_...``."""
         raise NotImplementedError
+
+    def score_key_for(self, split: str) -> str:
+        return self.score_key.replace("test_", f"{split}_", 1)
 
     def build_eval_data(self, cfg, device) -> TaskData:
         """What evaluating a checkpoint needs (by default the run's data)."""
@@ -109,9 +120,9 @@ class Task:
         """The training metrics of a history row, as a person reads them ("" when there are none)."""
         return ""
 
-    def describe(self, metrics: dict[str, float]) -> str:
+    def describe(self, metrics: dict[str, float], split: str = "test") -> str:
         """One line of the metrics a person wants to see."""
-        return f"{self.score_label} {metrics[self.score_key]:.2f}"
+        return f"{self.score_label} {metrics[self.score_key_for(split)]:.2f}"
 
     def better(self, score: float, best: Optional[float]) -> bool:
         if best is None or not math.isfinite(best):

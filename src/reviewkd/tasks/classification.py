@@ -33,14 +33,14 @@ def accuracy_stats(model: nn.Module, loader, device, precision: str) -> torch.Te
     return stats
 
 
-def evaluate_classifier(model: nn.Module, loader, device, precision: str) -> dict[str, float]:
+def evaluate_classifier(model: nn.Module, loader, device, precision: str, split: str = "test") -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over every process's shard; one sync."""
     was_training = model.training
     model.eval()
     c1, c5, loss, n = sum_over_ranks(accuracy_stats(model, loader, device, precision)).tolist()
     model.train(was_training)
     n = max(n, 1.0)
-    return {"test_top1": 100.0 * c1 / n, "test_top5": 100.0 * c5 / n, "test_loss": loss / n}
+    return {f"{split}_top1": 100.0 * c1 / n, f"{split}_top5": 100.0 * c5 / n, f"{split}_loss": loss / n}
 
 
 class ClassificationTask(Task):
@@ -89,12 +89,12 @@ class ClassificationTask(Task):
         b = build_datasets(d.name, d.root, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, device=device,
                            seed=cfg.seed, rank=rank, world_size=world_size, subset=d.subset, augment=d.augment,
                            drop_last=True, channels_last=cfg.runtime.channels_last, workers=d.workers,
-                           image_size=d.image_size)
+                           image_size=d.image_size, val_split=d.val_split)
         context = RunContext(num_samples=b.num_samples, train_targets=b.train_targets, num_classes=b.num_classes)
         meta = {"num_classes": b.num_classes, "input_size": list(b.input_size),
                 "class_names": list(b.class_names) if b.class_names else None}
         return TaskData(b.train, b.test, len(b.train), tuple(b.input_size), b.num_classes, context, meta,
-                        num_train=b.num_samples)
+                        num_train=b.num_samples, val=b.val)
 
     def train_stats(self, outputs, batch: Batch) -> dict[str, torch.Tensor]:
         return {"correct": (outputs.argmax(dim=1) == batch.targets).sum()}
@@ -102,14 +102,15 @@ class ClassificationTask(Task):
     def train_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
         return {"train_top1": 100.0 * sums["correct"] / max(count, 1)}
 
-    def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False) -> dict[str, float]:
-        return evaluate_classifier(model, data.test, device, precision)
+    def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False,
+                 split: str = "test") -> dict[str, float]:
+        return evaluate_classifier(model, data.val if split == "val" else data.test, device, precision, split)
 
     def describe_train(self, row: dict) -> str:
         return f"train top-1 {row['train_top1']:.2f}%" if "train_top1" in row else ""
 
-    def describe(self, m: dict[str, float]) -> str:
-        return f"top-1 {m['test_top1']:.2f}% (top-5 {m['test_top5']:.2f}%)"
+    def describe(self, m: dict[str, float], split: str = "test") -> str:
+        return f"{split} top-1 {m[f'{split}_top1']:.2f}% (top-5 {m[f'{split}_top5']:.2f}%)"
 
     # ---------------------------------------------------------------- export
     def rebuild(self, meta: dict, cfg, export: bool = True) -> nn.Module:

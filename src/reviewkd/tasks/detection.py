@@ -68,6 +68,8 @@ class DetectionTask(Task):
                                   "unweighted and every FPN level is used)")
         if cfg.runtime.compile:
             raise ConfigError("runtime.compile is not supported for detection runs")
+        if cfg.data.val_split is not None:
+            raise ConfigError("data.val_split is not available for detection: select on detection.val_annotations")
         steps = cfg.detection.steps
         if steps != sorted(steps) or any(s >= cfg.detection.max_iter for s in steps):
             raise ConfigError(f"detection.steps {steps} must increase and stay below "
@@ -137,11 +139,12 @@ class DetectionTask(Task):
                              num_train=len(data.train_set), num_test=len(val), val_loader=data.val_loader,
                              device=device, masks=self._masks(cfg))
 
-    def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False) -> dict[str, float]:
+    def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False,
+                 split: str = "test") -> dict[str, float]:
         return evaluate_detector(model, data.val_loader(), data.test, device, autocast(device, precision),
                                  masks=data.masks, progress=progress)
 
-    def describe(self, m: dict[str, float]) -> str:
+    def describe(self, m: dict[str, float], split: str = "test") -> str:
         text = f"box AP {m['box_AP']:.2f} (AP50 {m['box_AP50']:.2f}, AP75 {m['box_AP75']:.2f})"
         return text + (f", mask AP {m['mask_AP']:.2f}" if "mask_AP" in m else "")
 

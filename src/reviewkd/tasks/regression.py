@@ -57,6 +57,8 @@ class RegressionTask(ClassificationTask):
     def check_config(self, cfg) -> None:
         if cfg.data.name != "regression":
             raise ConfigError("task: regression reads data.name: regression (an image folder or a CSV of values)")
+        if cfg.data.val_split is not None:
+            raise ConfigError("data.val_split is not available for regression yet: its test split is regression.test_fraction")
 
     def num_outputs(self, cfg) -> int:
         return 1
@@ -90,8 +92,9 @@ class RegressionTask(ClassificationTask):
     def describe_train(self, row: dict) -> str:
         return ""
 
-    def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False) -> dict[str, float]:
+    def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False,
+                 split: str = "test") -> dict[str, float]:
         return evaluate_regressor(model, data.test, TargetScaler.from_dict(data.meta["target_scaler"]), device, precision)
 
-    def describe(self, m: dict[str, float]) -> str:
+    def describe(self, m: dict[str, float], split: str = "test") -> str:
         return f"MAE {m['test_mae']:.3f} (RMSE {m['test_rmse']:.3f})"
