@@ -31,14 +31,6 @@ def student_from_checkpoint(path: str | Path, overrides=(), export: bool = True)
     return model.eval(), ckpt, cfg
 
 
-def _torchscript(task, model, inputs):
-    if hasattr(task, "to_torchscript"):
-        return task.to_torchscript(model, inputs)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.jit.trace(model, inputs)
-
-
 def _write(fmt: str, task, model, inputs, stem: Path, meta: dict, ckpt, cfg):
     """Write one format; return (path, the reloaded export's outputs on ``inputs``)."""
     if fmt == "pt":
@@ -56,7 +48,7 @@ def _write(fmt: str, task, model, inputs, stem: Path, meta: dict, ckpt, cfg):
         reloaded.load_state_dict(load_file(str(path)))
     elif fmt == "torchscript":
         path = stem.with_suffix(".torchscript.pt")
-        _torchscript(task, model, inputs).save(str(path))
+        task.to_torchscript(model, inputs).save(str(path))
         reloaded = torch.jit.load(str(path))
     else:  # onnx
         import onnxruntime as ort

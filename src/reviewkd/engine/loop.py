@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import collectives
 from ..config import Config, ConfigError, load_config, save_config
-from ..methods import method_class
+from ..methods import RunContext, method_class
 from ..models.summary import count_parameters
 from ..models.weights import CheckpointMismatchError, compare_state
 from ..recipes.base import Group, Recipe, Stage
@@ -300,7 +301,7 @@ class Run:
             "stage": self.stage_index, "stage_iteration": self.stage_iteration,
             "stage_name": self.stages[self.stage_index].name, "unit": self.schedule.x_key,
             "position": self._position_value(),
-            "iteration": iteration, "epoch": _units(iteration, self.schedule.unit),
+            "iteration": iteration, "epoch": _units(iteration, self.data.steps_per_epoch),
             "model_name": self.cfg.model.name, "method_name": self.cfg.method.name, **self.data.meta,
             **self.recipe.trained_state(),
             "optimizers": {k: o.optimizer.state_dict() for k, o in self.optimisers.items()},
@@ -579,7 +580,7 @@ def step_groups(groups: list[GroupOptimiser], losses: dict[str, dict[str, torch.
         loss = sum(losses[o.group.name].values())
         if torch.is_tensor(loss) and loss.requires_grad:
             scaler.scale(loss).backward(retain_graph=i + 1 < len(groups))
-    collectives.average_gradients([p for o in groups for p in o.params])
+    collectives.average_gradients(p for o in groups for p in o.params)  # consumed only with several ranks
     for o in groups:
         clip = o.group.clip if o.group.clip is not None else default_clip
         if clip is not None:
@@ -596,15 +597,11 @@ def _units(iteration: int, unit: int):
 
 
 def _writable(folder: Path) -> bool:
-    import os
-
     return os.access(folder, os.W_OK | os.X_OK)
 
 
 def _probe_context(cfg: Config, num_outputs: int):
     """A stand-in run context for the architecture probe (no data read yet)."""
-    from ..methods import RunContext
-
     n = max(2 * num_outputs, 2)
     return RunContext(num_samples=n, train_targets=torch.arange(n) % max(num_outputs, 2), num_classes=num_outputs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -29,7 +30,6 @@ class TaskData:
     context: RunContext
     meta: dict = field(default_factory=dict)  # saved in checkpoints: what rebuilding the model needs
     num_train: int = 0
-    num_test: int = 0
     val: Any = None  # held-out part of the training set for model selection (None: select on the test set)
 
     @property
@@ -138,6 +138,11 @@ class Task:
 
     def sample_inputs(self, meta: dict, cfg):
         raise NotImplementedError
+
+    def to_torchscript(self, model: nn.Module, inputs):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.trace(model, inputs)
 
     def run_exported(self, model, inputs):
         return model(inputs)

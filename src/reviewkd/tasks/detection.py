@@ -136,7 +136,7 @@ class DetectionTask(Task):
         per_pass = round(1.0 / data.passes_per_iter)
         return DetectionData(data, val, per_pass, self.probe_size(cfg), data.num_classes,
                              RunContext(num_samples=len(data.train_set), num_classes=data.num_classes), meta,
-                             num_train=len(data.train_set), num_test=len(val), val_loader=data.val_loader,
+                             num_train=len(data.train_set), val_loader=data.val_loader,
                              device=device, masks=self._masks(cfg))
 
     def evaluate(self, model, data: TaskData, device, precision: str, progress: bool = False,
@@ -152,7 +152,7 @@ class DetectionTask(Task):
         """Only the val set (evaluating a checkpoint reads no training annotations)."""
         val = build_val_set(cfg, masks=self._masks(cfg))
         return DetectionData(None, val, 1, self.probe_size(cfg), val.num_classes, RunContext(), {},
-                             num_test=len(val), device=device, masks=self._masks(cfg),
+                             device=device, masks=self._masks(cfg),
                              val_loader=lambda: val_loader(val, cfg.data.eval_batch_size, cfg.data.workers))
 
     # ---------------------------------------------------------------- export

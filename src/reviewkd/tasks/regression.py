@@ -55,8 +55,6 @@ class RegressionTask(ClassificationTask):
     score_axis = "error (original unit)"
 
     def check_config(self, cfg) -> None:
-        if cfg.data.name != "regression":
-            raise ConfigError("task: regression reads data.name: regression (an image folder or a CSV of values)")
         if cfg.data.val_split is not None:
             raise ConfigError("data.val_split is not available for regression yet: its test split is regression.test_fraction")
 
