@@ -145,7 +145,7 @@ def test_cc_loss_by_hand_without_embedding():
     torch.manual_seed(3)
     s = [torch.randn(4, 2, 2, 2), torch.randn(4, 5, 1, 1)]
     t = [torch.randn(4, 2, 2, 2), torch.randn(4, 7, 1, 1)]
-    got = _method("cc", s, t, embed_dim=None, gamma=0.4, order=2)(_probe(s, t))["cc"]
+    got = _method("cc", s, t, form="kernel", embed_dim=None, gamma=0.4, order=2)(_probe(s, t))["cc"]
     expected = _cc_expected(s[-1].flatten(1), t[-1].flatten(1), 0.4, 2)
     assert math.isclose(got.item(), 100 * expected, rel_tol=1e-5)
 
@@ -154,7 +154,7 @@ def test_cc_loss_by_hand_with_embedding():
     torch.manual_seed(4)
     s = [torch.randn(4, 2, 2, 2), torch.randn(4, 5, 1, 1)]
     t = [torch.randn(4, 2, 2, 2), torch.randn(4, 7, 1, 1)]
-    method = _method("cc", s, t, weight=2.0, gamma=0.3, order=3)
+    method = _method("cc", s, t, form="kernel", weight=2.0, gamma=0.3, order=3)
     assert method.embed_s.in_features == 5 and method.embed_t.in_features == 7
     assert method.embed_s.out_features == method.embed_t.out_features == 128
     got = method(_probe(s, t))["cc"]
@@ -290,7 +290,7 @@ def test_map_methods_refuse_networks_without_stages(name):
 
 
 def test_defaults_are_the_benchmark_recipe():
-    expected = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "cc": 100.0, "rkd": 1.0, "pkt": 30000.0, "nst": 50.0}
+    expected = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "cc": 0.02, "rkd": 1.0, "pkt": 30000.0, "nst": 50.0}
     for name, weight in expected.items():
         method = create_method(name)
         assert method.weight == weight and method.ce_weight == 1.0

@@ -17,11 +17,12 @@ EXIT_INTERRUPTED = 130
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reviewkd", description="Knowledge distillation with the review mechanism and the methods it is compared with.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"reviewkd {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train", help="train a teacher (method: vanilla) or distil a student from a YAML config",
                        description="Train from a YAML config. Overrides: dotted keys, e.g. solver.lr=0.01 data.subset=2000.")
-    t.add_argument("config", help="YAML config file (see configs/)")
+    t.add_argument("config", help="YAML config file, or the name of a shipped recipe (see `reviewkd recipes`)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     t.add_argument("--resume", action="store_true", help="continue the run from <output_dir>/<name>/last.pt")
     t.add_argument("--stop-after", type=int, metavar="EPOCH", help="stop after this epoch, or iteration for detection "
@@ -42,9 +43,15 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the model zoo with parameters and FLOPs")
     m.add_argument("--family", choices=["cifar", "imagenet"], default=None, help="only this family")
+    m.add_argument("--measure", action="store_true", help="build every model and count again (slow) instead of "
+                   "reading the table shipped with the package")
     m.add_argument("--methods", action="store_true", help="list the distillation methods instead")
 
-    sub.add_parser("methods", help="list the distillation methods and their papers")
+    me = sub.add_parser("methods", help="list the distillation methods and their papers; NAME: one method in detail")
+    me.add_argument("name", nargs="?", default=None, help="a method: its paper, what it reads, its options")
+
+    r = sub.add_parser("recipes", help="list the recipes shipped with the package (train one: reviewkd train NAME)")
+    r.add_argument("under", nargs="?", default=None, help="only the recipes below this folder, e.g. cifar100")
 
     d = sub.add_parser("demo", help="the default run: teacher, vanilla student and ReviewKD student on Fashion-MNIST")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
@@ -130,11 +137,21 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _cmd_methods(args) -> int:
-    from .methods import list_methods
+    from .methods import describe_method, list_methods
     from .models.summary import format_table
 
+    if getattr(args, "name", None):
+        print(describe_method(args.name))
+        return 0
     print(format_table([{"method": k, "paper": v} for k, v in list_methods().items()], ["method", "paper"]))
+    print("\n`reviewkd methods NAME` shows a method's features, options and defaults")
     return 0
 
 
@@ -142,10 +159,26 @@ def _cmd_models(args) -> int:
     if args.methods:
         return _cmd_methods(args)
     from .models import list_models
-    from .models.summary import format_table, zoo_table
+    from .models.summary import ZOO_CONVENTIONS, format_table, zoo_table
 
-    rows = zoo_table(list_models(args.family))
+    rows = zoo_table(list_models(args.family), measured=args.measure)
     print(format_table(rows, list(rows[0].keys())))
+    print(ZOO_CONVENTIONS)
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    from .catalogue import RECIPES_DIR, recipe_names, recipe_summary
+    from .models.summary import format_table
+
+    names = recipe_names(args.under)
+    if not names:
+        raise ValueError(f"no recipes below {args.under!r}: the folders are "
+                         f"{', '.join(sorted(p.name for p in RECIPES_DIR.iterdir() if p.is_dir()))}")
+    rows = [recipe_summary(n) for n in names]
+    print(format_table(rows, ["recipe", "task", "data", "model", "teacher", "method"]))
+    print(f"\n{len(rows)} recipes in {RECIPES_DIR}; train one with `reviewkd train RECIPE [KEY=VALUE ...]`, "
+          "or copy its file and edit it")
     return 0
 
 
@@ -174,7 +207,7 @@ def _cmd_make_shapes(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "models": _cmd_models,
-            "methods": _cmd_methods, "demo": _cmd_demo, "demo-detection": _cmd_demo_detection,
+            "methods": _cmd_methods, "recipes": _cmd_recipes, "demo": _cmd_demo, "demo-detection": _cmd_demo_detection,
             "make-shapes": _cmd_make_shapes}
 
 
@@ -190,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:  # outside a run (a run says itself what it saved)
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,8 +1,16 @@
 """Run configuration: YAML files validated into typed objects, with dotted command-line overrides.
 
-A config file may start from another with ``base: other.yaml`` (path relative to the file); the
-file's own keys are merged over the base recursively. Overrides look like ``solver.lr=0.01``;
-values are parsed as YAML (``solver.milestones=[30,60]``, ``teacher=null``).
+A config file may start from another with ``base: other.yaml``; the file's own keys are merged
+over the base recursively (``method.options`` too, unless the file names another method: then the
+method section starts afresh). Overrides look like ``solver.lr=0.01``; values are parsed as YAML
+(``solver.milestones=[30,60]``, ``teacher=null``); a mapping given for ``method.options`` merges
+into the recipe's options like the dotted form ``method.options.weight=2`` does.
+
+Paths, one rule: a path to another config file (``base``, ``teacher.config``) written in a config
+file is relative to that file; every other path (data, weights, checkpoints, ``output_dir``), and
+every path given on the command line, is relative to the working directory.
+
+``load_config`` takes a file or the name of a recipe shipped with the package (``reviewkd recipes``).
 """
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -47,6 +55,9 @@ class TeacherConfig(_Section):
     name: str
     checkpoint: Optional[str] = None  # a run checkpoint (best.pt / last.pt) or a bare weight file
     config: Optional[str] = None  # the teacher's own config: trained first when the checkpoint is missing
+    # overrides for the teacher's config when it is trained first (the student's own overrides reach
+    # it only for where and how to run: output_dir, data.root, data.workers, runtime.*)
+    overrides: list[str] = Field(default_factory=list)
 
 
 class MethodConfig(_Section):
@@ -80,6 +91,10 @@ class RuntimeConfig(_Section):
     deterministic: bool = False
     sync_bn: bool = False
     eval_every: int = Field(1, gt=0)
+    # without a progress bar (output not a terminal: batch jobs, CI): a progress line this often, 0: never
+    log_every_seconds: float = Field(30.0, ge=0)
+    # also write last.pt every N training iterations (None: at the end of each epoch / checkpoint period)
+    checkpoint_every: Optional[int] = Field(None, gt=0)
 
 
 class DetectionConfig(_Section):
@@ -142,6 +157,8 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     detection: Optional[DetectionConfig] = None  # task: detection only (defaults when omitted)
     regression: Optional[RegressionConfig] = None  # task: regression only (defaults when omitted)
+    # the command-line overrides this config was loaded with (the teacher plan says which reach the teacher)
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _task_sections(self) -> "Config":
@@ -178,6 +195,11 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def read_config_file(path: Path) -> dict:
+    """A config file as a dict, its ``base`` chain merged in (not validated)."""
+    return _read_yaml(Path(path))
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -191,16 +213,29 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    _relative_to_file(data, path)
     base = data.pop("base", None)
     if base is None:
         return data
     return _merge(_read_yaml((path.parent / base), seen + (path.resolve(),)), data)
 
 
+def _relative_to_file(data: dict, path: Path) -> None:
+    """``teacher.config`` written in a file names a file relative to it (``base`` is read so too)."""
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("config"), str):
+        target = Path(teacher["config"]).expanduser()
+        if not target.is_absolute():
+            teacher["config"] = str((path.parent / target).resolve())
+
+
 def _merge(base: dict, update: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+        if key == "method" and isinstance(value, dict) and isinstance(out.get(key), dict) \
+                and value.get("name", out[key].get("name")) != out[key].get("name"):
+            out[key] = copy.deepcopy(value)  # another method: the base's options are not its options
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -225,6 +260,8 @@ def apply_override(data: dict, override: str, source: str = "command line") -> N
         if not isinstance(child, dict):
             raise ConfigError(f"{source}: cannot set {key}: {'.'.join(parts[:i + 1])} is not a section")
         node = child
+    if parts[-2:] == ["method", "options"] and isinstance(value, dict) and isinstance(node.get("options"), dict):
+        value = {**node["options"], **value}  # merges like method.options.KEY=VALUE does
     node[parts[-1]] = value
 
 
@@ -249,14 +286,32 @@ def validate(data: dict, source: str) -> Config:
         raise ConfigError(f"{source}: {first}{more}") from None
 
 
+def config_path(path: str | Path) -> Path:
+    """An existing config file, else the shipped recipe of that name; a one-line error otherwise."""
+    from .catalogue import find_recipe
+
+    if Path(path).is_file():
+        return Path(path)
+    if Path(path).is_dir():
+        raise ConfigError(f"{path} is a folder: give a config file (.yaml) or a recipe name (`reviewkd recipes`)")
+    try:
+        return find_recipe(str(path))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    data = _read_yaml(Path(path)) if path is not None else {}
+    """A validated config from a file or a recipe name, with dotted ``overrides`` applied."""
+    path = config_path(path) if path is not None else None
+    data = _read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "config"
     for item in overrides:
         apply_override(data, item)
     if path is not None and "name" not in data:
-        data["name"] = Path(path).stem
-    return validate(data, source)
+        data["name"] = path.stem
+    config = validate(data, source)
+    config._overrides = tuple(overrides)
+    return config
 
 
 def save_config(config: Config, path: Path) -> None:

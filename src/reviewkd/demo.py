@@ -25,7 +25,7 @@ from .engine.metrics import plot_curves  # noqa: E402
 from .models.summary import count_flops, count_parameters, format_table  # noqa: E402
 from .tasks import get_task  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped inside the package
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ DEMOS = {
 
 def _configs(demo: Demo, out: Path, quick: bool) -> list[tuple[str, Config]]:
     if not demo.config_dir.is_dir():
-        raise FileNotFoundError(f"demo configs not found in {demo.config_dir}: run the demo from a source checkout")
+        raise FileNotFoundError(f"demo configs not found in {demo.config_dir}: reinstall reviewkd (the package is incomplete)")
     overrides = [f"output_dir={out}", *(demo.quick if quick else ())]
     if demo.data_root:
         overrides.append(f"data.root={out / (demo.data_root + ('_quick' if quick else ''))}")

@@ -18,7 +18,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -95,14 +95,41 @@ class TeacherPlan:
     name: Optional[str] = None
     checkpoint: Optional[Path] = None
     config: Optional[Config] = None  # set when the teacher must be trained first
+    inherited: list[str] = field(default_factory=list)  # student overrides passed to the teacher's config
+    ignored: list[str] = field(default_factory=list)  # student overrides the teacher does not get
+    warning: Optional[str] = None  # e.g. a teacher trained at another input size
 
     def describe(self) -> str:
         if self.name is None:
             return "no teacher"
         if self.config is None:
             return f"load {self.name} from {self.checkpoint}"
-        return (f"train {self.name} first from its config ({self.config.name}: {_length(self.config)}) into "
+        text = (f"train {self.name} first from its config ({self.config.name}: {_length(self.config)}) into "
                 f"{self.config.run_dir}, then load its best.pt")
+        if self.inherited:
+            text += f"; the teacher also gets {' '.join(self.inherited)}"
+        if self.ignored:
+            text += (f"; the teacher does not get {' '.join(self.ignored)} (student only: put what the teacher "
+                     "needs in teacher.overrides)")
+        return text
+
+    def check_input_size(self, task, cfg: Config) -> None:
+        """Flag a teacher trained (or to be trained) at another input size than the student's data."""
+        want = tuple(task.probe_size(cfg))
+        if self.config is not None:
+            got, source = tuple(task.probe_size(self.config)), f"its config {self.config.name}"
+        elif self.checkpoint is not None:
+            try:
+                got = load_checkpoint(self.checkpoint).get("input_size")
+            except Exception:  # a bare weight file: nothing recorded
+                got = None
+            got, source = (tuple(got) if got else None), str(self.checkpoint)
+        else:
+            return
+        if got is not None and got != want:
+            self.warning = (f"warning: the teacher was trained at input size {'x'.join(map(str, got))} ({source}) "
+                            f"but the student's data is {'x'.join(map(str, want))}: its features and accuracy may "
+                            "not carry over; train the teacher at the student's input size")
 
 
 def _length(cfg: Config) -> str:
@@ -128,13 +155,28 @@ def plan_teacher(cfg: Config) -> TeacherPlan:
         raise ConfigError(f"teacher checkpoint not found: {t.checkpoint}; train the teacher first or give teacher.config "
                           "to train it" if t.checkpoint else "teacher needs a checkpoint or a config (teacher.checkpoint / "
                           "teacher.config)")
-    tcfg = load_config(t.config)
+    inherited, ignored = teacher_overrides(cfg)
+    tcfg = load_config(t.config, inherited + list(t.overrides))
     if tcfg.model.name != t.name:
         raise ConfigError(f"teacher.name is {t.name} but its config {t.config} trains {tcfg.model.name}: make them agree")
     best = tcfg.run_dir / "best.pt"
     if best.is_file() and _finished(tcfg.run_dir / "last.pt"):
         return TeacherPlan(t.name, path if path is not None and path.is_file() else best)
-    return TeacherPlan(t.name, best, tcfg)
+    return TeacherPlan(t.name, best, tcfg, inherited, ignored)
+
+
+# The student's command-line overrides that also reach a teacher trained first: where and how to run,
+# never what to train (the teacher's config is its recipe; teacher.overrides changes it on purpose).
+_TEACHER_INHERITS = ("output_dir", "data.root", "data.workers")
+
+
+def teacher_overrides(cfg: Config) -> tuple[list[str], list[str]]:
+    """(overrides passed on to the teacher's config, overrides that stay with the student)."""
+    passed, kept = [], []
+    for item in cfg._overrides:
+        key = item.split("=", 1)[0].strip()
+        (passed if key in _TEACHER_INHERITS or key.startswith("runtime.") else kept).append(item)
+    return passed, kept
 
 
 def _run_checkpoint_unfinished(path: Path) -> bool:
@@ -172,6 +214,7 @@ class Run:
         self._start_note: Optional[str] = None
         self._check_run_dir()
         self.teacher_plan = plan_teacher(cfg)
+        self.teacher_plan.check_input_size(self.task, cfg)
         self.probe = self._probe_architectures()
 
     # ------------------------------------------------------------ cheap checks
@@ -226,6 +269,8 @@ class Run:
         stages = ", ".join(f"{s.name} ({s.epochs} epochs)" if s.epochs else s.name for s in recipe.stages())
         lines += ["", f"# stages: {stages}", f"# teacher: {self.teacher_plan.describe()}",
                   f"# output: {self.run_dir}", f"# device {self.device}, precision {self.precision}"]
+        if self.teacher_plan.warning:
+            lines.append(f"# {self.teacher_plan.warning}")
         return "\n".join(lines)
 
     # --------------------------------------------------------------- set-up
@@ -285,6 +330,7 @@ class Run:
         self.selected_test_metrics: Optional[dict] = None
         self.history: list[dict] = []
         self._rng: Optional[dict] = None
+        self._open_row: Optional[tuple] = None  # (sums, window, seen) of a row a checkpoint interrupts
         if self.resume:
             self._load_last()
         collectives.broadcast_state_dicts(self.recipe.trained_state())
@@ -311,6 +357,9 @@ class Run:
             "test_metrics": self.test_metrics, "selected_test_metrics": self.selected_test_metrics,
             "teacher_metrics": self.teacher_metrics, "history": self.history,
             "rng": rng_state(), "config": self.cfg.model_dump(mode="json"),
+            "open_row": None if self._open_row is None else {
+                "sums": {k: v.detach().cpu() for k, v in self._open_row[0].items()},
+                "window": self._open_row[1], "seen": self._open_row[2]},
         }
 
     def _save(self, is_best: bool, done: bool = False) -> None:
@@ -343,6 +392,9 @@ class Run:
         self.teacher_metrics, self.history = ckpt["teacher_metrics"], list(ckpt["history"])
         self.test_metrics, self.selected_test_metrics = ckpt["test_metrics"], ckpt["selected_test_metrics"]
         self._rng = ckpt["rng"]  # restored once the data stream exists (creating it may draw from the RNG)
+        row = ckpt.get("open_row")
+        if row is not None:  # written in the middle of a row (runtime.checkpoint_every)
+            self._open_row = ({k: v.to(self.device) for k, v in row["sums"].items()}, row["window"], row["seen"])
         saved = ckpt["config"].get("solver", {})
         changed = [k for k, v in self.cfg.solver.model_dump(mode="json").items() if k != "epochs" and saved.get(k) != v]
         if changed:
@@ -369,6 +421,8 @@ class Run:
                     self._say(f"removed {path.name}, left by a checkpoint write that was interrupted")
                 if self._start_note:
                     self._say(self._start_note)
+                if self.teacher_plan.warning:
+                    self._say(self.teacher_plan.warning)
             self._build()
             cfg = self.cfg
             if self.dist.is_main:
@@ -452,13 +506,17 @@ class Run:
         checkpoint_period = sched.checkpoint_period if main else spe
         eval_period = sched.eval_period if (main and stage.evaluated) else 0
         sync_every = max(1, min(50, log_period // 4 or 1))
+        step_checkpoints = self.cfg.runtime.checkpoint_every if main else None
 
         self.recipe.train()
         self.recipe.enter_stage(stage)
         bar = tqdm(total=total, initial=self.stage_iteration, desc=f"{self.cfg.name} {stage.name}", leave=False,
                    dynamic_ncols=True, disable=None if self._bars() else True)
-        sums: dict[str, torch.Tensor] = {}
-        window, seen, window_start = 0, 0, time.perf_counter()
+        # a row's running sums, restored when a checkpoint was written in the middle of it
+        sums, window, seen = self._open_row or ({}, 0, 0)
+        self._open_row = None
+        window_start = last_line = time.perf_counter()
+        lines = bar.disable and self.cfg.runtime.log_every_seconds > 0  # no bar: progress lines instead
         lr = groups[0].optimizer.param_groups[0]["lr"]
         try:
             while self.stage_iteration < stop:
@@ -481,10 +539,17 @@ class Run:
                         self._non_finite(total_loss, stage, it, total)
                     rate = seen * self.dist.world_size / (time.perf_counter() - window_start)
                     bar.set_postfix({"loss": f"{total_loss:.3f}", "samples/s": f"{rate:.0f}"})
+                    if lines and time.perf_counter() - last_line >= self.cfg.runtime.log_every_seconds:
+                        self._say(self._progress_line(stage, it, total, sums, window, rate))
+                        last_line = time.perf_counter()
                 end_of_row = it % log_period == 0 or it == stop
                 evaluate = stage.evaluated and main and ((eval_period and it % eval_period == 0) or it == total)
                 save = it % checkpoint_period == 0 or it == total or it == stop
                 if not (end_of_row or save or evaluate):
+                    if step_checkpoints and it % step_checkpoints == 0:
+                        self._open_row = (sums, window, seen)
+                        self._save(is_best=False)
+                        self._open_row = None
                     continue
                 row = self._row(stage, it, lr, sums, window, seen, time.perf_counter() - window_start)
                 is_best = False
@@ -511,6 +576,14 @@ class Run:
         finally:
             bar.close()
         return self.stage_iteration >= total
+
+    def _progress_line(self, stage: Stage, it: int, total: int, sums: dict, window: int, rate: float) -> str:
+        """A line for logs without a progress bar: position, mean loss terms of the row so far, speed."""
+        keys = [k for k in sums if k.startswith("loss_")]
+        values = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / max(window, 1)).tolist()))
+        terms = ", ".join(f"{k[5:]} {v:.4f}" for k, v in values.items() if k != "loss_total")
+        return (f"{stage.name} iteration {it}/{total} ({100.0 * it / total:.0f}%): loss {values['loss_total']:.4f}"
+                f"{f' ({terms})' if terms else ''}, {rate:.0f} samples/s")
 
     def _accumulate(self, sums: dict, out, batch) -> None:
         several = len(out.losses) > 1

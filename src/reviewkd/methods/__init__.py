@@ -7,6 +7,7 @@ from .base import (
     RunContext,
     Step,
     create_method,
+    describe_method,
     list_methods,
     method_class,
     method_options,
@@ -15,7 +16,7 @@ from .base import (
 from . import vanilla, kd, reviewkd  # noqa: F401,E401  (register the built-in methods)
 
 __all__ = [
-    "DistillMethod", "IncompatiblePairError", "Pretraining", "Reads", "RunContext", "Step", "create_method", "list_methods",
+    "DistillMethod", "IncompatiblePairError", "Pretraining", "Reads", "RunContext", "Step", "create_method", "describe_method", "list_methods",
     "method_class", "method_options", "register_method",
 ]
 from . import fitnet  # noqa: E402,F401
@@ -30,6 +31,9 @@ from . import ab  # noqa: E402,F401
 from . import ft  # noqa: E402,F401
 from . import fsp  # noqa: E402,F401
 from . import crd  # noqa: E402,F401
+from . import hkd  # noqa: E402,F401
 from . import ofd  # noqa: E402,F401
 from . import dkd  # noqa: E402,F401
 from . import feature_mse  # noqa: E402,F401
+from . import introspective  # noqa: E402,F401
+from . import teacher_free  # noqa: E402,F401

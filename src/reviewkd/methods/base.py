@@ -25,7 +25,9 @@ class Reads:
     ``logits``: the student's (and, with a teacher, the teacher's) logits; ``targets``, ``index``
     (dataset indices of the samples), ``inputs`` (the batch's inputs) and ``input_grads`` (the
     method differentiates the loss w.r.t. the inputs: they get ``requires_grad``); ``tasks``: the
-    tasks the method is implemented and tested for.
+    tasks the method is implemented and tested for. ``teacher_bn``: how the frozen teacher's
+    BatchNorm layers normalise while the recipe trains: "eval" (running statistics) or "train"
+    (the batch's statistics, running statistics left unchanged; OFD's authors' setting).
     """
 
     teacher: bool = True
@@ -37,6 +39,7 @@ class Reads:
     inputs: bool = False
     input_grads: bool = False
     tasks: tuple[str, ...] = ("classification",)
+    teacher_bn: str = "eval"
 
     @property
     def features(self) -> bool:
@@ -65,6 +68,7 @@ class RunContext:
     train_targets: Optional[torch.Tensor] = None  # labels of the training samples (CPU)
     num_classes: Optional[int] = None
     teacher_bn: Optional[list] = None  # the BatchNorm before each teacher stage's final ReLU (or None)
+    epochs: Optional[float] = None  # the run's length in epochs (methods whose schedule spans the run)
 
     @classmethod
     def of(cls, value: "RunContext | dict | None") -> "RunContext":
@@ -154,6 +158,35 @@ def method_options(name: str) -> dict[str, Any]:
     """The options a method accepts, with their defaults."""
     params = list(inspect.signature(method_class(name).__init__).parameters.values())[1:]
     return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def describe_method(name: str) -> str:
+    """What ``reviewkd methods NAME`` prints: the paper, what the method reads, its options."""
+    cls = method_class(name)
+    r = cls.reads
+    # the class's own docstring, else its module's (never the base class's)
+    doc = inspect.cleandoc(cls.__dict__.get("__doc__") or inspect.getmodule(cls).__doc__ or "")
+    summary = doc.split("\n\n")[0].replace("\n", " ")
+    lines = [f"{name}: {cls.paper}", "", summary, ""]
+    reads = ["a frozen teacher" if r.teacher else "no teacher"]
+    if r.student_features:
+        reads.append(f"student {r.student_features}-activation stage features")
+    if r.teacher_features:
+        reads.append(f"teacher {r.teacher_features}-activation stage features")
+    if r.logits:
+        reads.append("logits")
+    reads += [what for flag, what in ((r.targets, "labels"), (r.index, "dataset indices"),
+                                      (r.inputs, "the input images"), (r.input_grads, "input gradients")) if flag]
+    lines.append(f"reads: {', '.join(reads)} (the instance may refine this from its options)")
+    lines.append(f"tasks: {', '.join(r.tasks)}")
+    lines.append(f"cross-entropy weight of its recipe: {cls.ce_weight}")
+    if cls.pretraining is not None:
+        p = cls.pretraining
+        lines.append(f"pre-training stage: {p.epochs} epochs" + (f" at lr {p.lr}" if p.lr else ""))
+    options = method_options(name)
+    lines += ["", "options (method.options.NAME=VALUE):" if options else "options: none"]
+    lines += [f"  {k} = {v!r}" for k, v in options.items()]
+    return "\n".join(lines)
 
 
 def create_method(name: str, **options) -> DistillMethod:

@@ -1,35 +1,41 @@
 """Peng, Jin, Liu, Zhou, Wu, Liu, Li, Zhang, ICCV 2019: "Correlation Congruence for Knowledge
 Distillation".
 
-Features: the globally pooled feature of each network. Each is mapped by its own linear embedding
-(Linear(C, ``embed_dim``), trained with the student, as the CIFAR-100 benchmark's ``LinearEmbed``
-of RepDistiller / CRD) and L2-normalised. The correlation between two samples is the paper's
-Gaussian RBF kernel ``exp(-gamma ||x - y||^2)`` in its P-order Taylor expansion; for unit vectors
-``||x - y||^2 = 2 - 2 x.y``, so
+Features: the globally pooled feature of each network (the last entry, post-activation). Each is
+mapped by its own linear embedding, Linear(C, ``embed_dim``), and both embeddings are trained with
+the student (the teacher's feature itself is detached). Two forms of the loss:
 
-    k(x, y) ~= sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! * (x.y)^p.
+``form = "benchmark"`` (default): the loss of the CIFAR-100 benchmark code every comparison table
+uses (RepDistiller / CRD ``distiller_zoo/CC.py`` ``Correlation``, built by ``train_student.py``
+with ``--distill correlation``). With ``e_s``, ``e_t`` the b x d embeddings (``LinearEmbed``: no
+normalisation) and ``delta = |e_s - e_t|``, it multiplies the differences of consecutive samples
+of the batch:
 
-The loss is the mean squared difference of the two b x b correlation matrices,
-``||psi(F_t) - psi(F_s)||^2 / b^2`` (the paper's correlation congruence).
+    loss = 1/(b-1) * sum_{i=1..b-1} sum_k delta[i, k] * delta[i+1, k],
 
-Variant: the paper's kernel form (as in its authors' description and the Knowledge-Distillation-Zoo
-re-implementation), not the benchmark's ``Correlation`` loss, which compares the embeddings of
-consecutive samples (``|f_s - f_t|`` products) and is not the kernel expansion. Defaults:
+weight ``0.02`` (the benchmark's ``-b 0.02``), cross-entropy weight 1, no KD (``-a 0``). A batch of
+one sample has no pair: its loss is 0 (the benchmark's mean over no pairs would be NaN).
 
-* ``order = 2``, ``gamma = 0.4``: the Taylor order and kernel width of the Knowledge-Distillation-Zoo
-  (AberHu) re-implementation of the kernel form; the benchmark code has no kernel to take them from;
-* ``weight = 100``: that re-implementation's weight for this loss (the benchmark's 0.02 belongs to
-  its other loss form, so it does not carry over);
-* ``embed_dim = 128``: the benchmark's embedding size (``feat_dim``). Both embeddings are trained with
-  the student, as in the benchmark; the kernel compares samples within one network, so the
-  embeddings are not needed for matching dimensions, and ``embed_dim=None`` uses the pooled
-  features directly (the paper's form; it also avoids the trivial minimum where both trained
-  embeddings map every sample to the same direction);
-* no instance congruence term (``kd_weight = 0``, the benchmark runs CC without KD); the paper's
-  full CCKD objective adds KD at temperature ``temperature``: set ``kd_weight`` for it.
+``form = "kernel"``: the paper's equations. Embeddings are L2-normalised and the correlation
+between two samples is the Gaussian RBF kernel ``exp(-gamma ||x - y||^2)`` in its P-order Taylor
+expansion; for unit vectors ``||x - y||^2 = 2 - 2 x.y``, so
 
-The correlation matrices are batch-level statistics: under DistributedDataParallel they are
-computed from each rank's own batch, not from the gathered global batch.
+    k(x, y) ~= sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! * (x.y)^p,
+
+and the loss is the mean squared difference of the two b x b correlation matrices,
+``||psi(F_t) - psi(F_s)||^2 / b^2``. Defaults ``order = 2``, ``gamma = 0.4`` and ``weight = 100``
+come from the Knowledge-Distillation-Zoo (AberHu) re-implementation of this form (the benchmark
+code has no kernel to take them from). ``gamma`` and ``order`` belong to this form only, and
+setting them with the benchmark form is an error.
+
+Both forms: ``weight = None`` takes the form's default above; ``embed_dim = 128`` is the benchmark's
+``feat_dim``; ``embed_dim = None`` compares the pooled features directly (the paper's kernel form;
+the benchmark form then needs equal channel counts). The paper's full CCKD objective adds Hinton's
+KD at ``temperature`` (its instance congruence): set ``kd_weight`` for it.
+
+The losses are batch-level statistics (the benchmark form even depends on the order of the
+samples): under DistributedDataParallel they are computed from each rank's own batch, not from the
+gathered global batch.
 """
 from __future__ import annotations
 
@@ -40,7 +46,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import OptionalKD, float32
-from .base import DistillMethod, Reads, RunContext, Step, register_method
+from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
+
+FORMS = ("benchmark", "kernel")
+DEFAULT_WEIGHT = {"benchmark": 0.02, "kernel": 100.0}
+DEFAULT_GAMMA, DEFAULT_ORDER = 0.4, 2
+
+
+def consecutive_correlation_loss(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
+    """The benchmark's ``Correlation``: mean over consecutive sample pairs (i, i+1) of
+    ``sum_k |e_s - e_t|[i, k] * |e_s - e_t|[i+1, k]`` (0 for a batch of one sample)."""
+    with float32(e_s):
+        delta = (e_s.float().flatten(1) - e_t.float().flatten(1)).abs()
+        pairs = (delta[:-1] * delta[1:]).sum(dim=1)
+        return pairs.mean() if pairs.numel() else pairs.sum()
 
 
 def rbf_correlation(z: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
@@ -56,7 +75,8 @@ def rbf_correlation(z: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
     return corr
 
 
-def cc_loss(z_s: torch.Tensor, z_t: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
+def cc_loss(z_s: torch.Tensor, z_t: torch.Tensor, gamma: float = DEFAULT_GAMMA, order: int = DEFAULT_ORDER) -> torch.Tensor:
+    """The kernel form: mean squared difference of the two RBF correlation matrices."""
     with float32(z_s):
         corr_s = rbf_correlation(z_s.float().flatten(1), gamma, order)
         corr_t = rbf_correlation(z_t.float().flatten(1), gamma, order)
@@ -65,32 +85,53 @@ def cc_loss(z_s: torch.Tensor, z_t: torch.Tensor, gamma: float = 0.4, order: int
 
 @register_method
 class CC(OptionalKD, DistillMethod):
+    """Correlation congruence on embeddings of the pooled features: the CIFAR-100 benchmark's
+    consecutive-pair form by default, the paper's RBF-kernel form with ``form="kernel"``."""
+
     name = "cc"
     paper = "Peng et al., ICCV 2019: Correlation Congruence for Knowledge Distillation"
     reads = Reads(student_features="post", teacher_features="post", logits=False, tasks=('classification',))
 
     def __init__(
         self,
-        weight: float = 100.0,
-        gamma: float = 0.4,
-        order: int = 2,
+        form: str = "benchmark",
+        weight: float | None = None,
         embed_dim: int | None = 128,
+        gamma: float | None = None,
+        order: int | None = None,
         kd_weight: float = 0.0,
         temperature: float = 4.0,
     ):
         super().__init__()
-        self.weight, self.gamma, self.order = float(weight), float(gamma), int(order)
+        if form not in FORMS:
+            raise ValueError(f"cc: form must be one of {', '.join(FORMS)}, got {form!r}")
+        if form == "benchmark" and (gamma is not None or order is not None):
+            raise ValueError("cc: gamma and order are options of form 'kernel'; set form: kernel or drop them")
+        self.form = form
+        self.weight = float(DEFAULT_WEIGHT[form] if weight is None else weight)
+        self.gamma = float(DEFAULT_GAMMA if gamma is None else gamma)
+        self.order = int(DEFAULT_ORDER if order is None else order)
         self.embed_dim = None if embed_dim is None else int(embed_dim)
         self.init_kd(kd_weight, temperature)
         self.embed_s: nn.Module = nn.Identity()
         self.embed_t: nn.Module = nn.Identity()
 
     def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
+        c_s, c_t = probe.student_features[-1].shape[1], probe.teacher_features[-1].shape[1]
         if self.embed_dim is not None:
-            self.embed_s = nn.Linear(probe.student_features[-1].shape[1], self.embed_dim)
-            self.embed_t = nn.Linear(probe.teacher_features[-1].shape[1], self.embed_dim)
+            self.embed_s = nn.Linear(c_s, self.embed_dim)
+            self.embed_t = nn.Linear(c_t, self.embed_dim)
+        elif self.form == "benchmark" and c_s != c_t:
+            raise IncompatiblePairError(
+                f"cc (benchmark form) subtracts the two pooled features, but {probe.student_name} gives {c_s} "
+                f"channels and {probe.teacher_name} {c_t}: keep embed_dim (e.g. 128) or use form: kernel"
+            )
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
-        z_s = self.embed_s(step.student_features[-1].flatten(1))
-        z_t = self.embed_t(step.teacher_features[-1].flatten(1))
-        return self.add_kd({"cc": self.weight * cc_loss(z_s, z_t, self.gamma, self.order)}, step)
+        e_s = self.embed_s(step.student_features[-1].flatten(1))
+        e_t = self.embed_t(step.teacher_features[-1].flatten(1))
+        if self.form == "benchmark":
+            loss = consecutive_correlation_loss(e_s, e_t)
+        else:
+            loss = cc_loss(e_s, e_t, self.gamma, self.order)
+        return self.add_kd({"cc": self.weight * loss}, step)

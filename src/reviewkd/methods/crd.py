@@ -18,23 +18,24 @@ Details as in the authors' code (HobbitLong/RepDistiller ``crd/``; mdistiller ``
 
 * ``Z`` is a constant per side, estimated once on the first batch as ``mean(exp(v . m / nce_t)) * N``
   over the batch's positives and negatives, then kept (it is a buffer, so it is checkpointed);
-* banks start uniform in [-1/sqrt(dim/3), 1/sqrt(dim/3)]; after each training step the rows of the
-  batch's samples become ``normalize(nce_m * row + (1 - nce_m) * embedding)`` with ``nce_m = 0.5``
-  (no update in eval mode);
+* the banks and the negative sampler are :class:`~reviewkd.methods.memory.ContrastMemory` (shared
+  with HKD): banks start uniform in [-1/sqrt(dim/3), 1/sqrt(dim/3)]; after each training step the
+  rows of the batch's samples become ``normalize(nce_m * row + (1 - nce_m) * embedding)`` with
+  ``nce_m = 0.5`` (no update in eval mode);
 * negatives in the benchmark's "exact" mode: the positive is the sample's own bank row and the
   ``nce_k`` negatives are drawn uniformly from samples of the other classes, without replacement
-  (with replacement when a class has fewer negatives than ``nce_k``, as the benchmark's sampler does;
-  here the choice is made once, from the largest class). They are drawn on the device for the whole
-  batch, and scores are read from one (B x N) product of the embeddings with the bank, which equals
-  the released code's gathered (B x (K+1) x dim) product.
+  (with replacement for a class that has fewer negatives than ``nce_k``, as the benchmark's sampler
+  does). They are drawn on the device for the whole batch, and scores are read from one (B x N)
+  product of the embeddings with the bank, which equals the released code's gathered
+  (B x (K+1) x dim) product.
 
 Defaults = the CIFAR-100 benchmark (RepDistiller ``-r 1 -a 0 -b 0.8``, mdistiller CRD config):
 ``nce_k = 16384`` (clipped to the number of training samples), ``nce_t = 0.07``, ``nce_m = 0.5``,
 ``weight = 0.8``, cross-entropy weight 1. ``kd_weight > 0`` adds KD at ``temperature`` (the
 benchmark's "CRD+KD" row uses ``kd_weight=1.0``).
 
-Needs the run context in ``probe.extra`` (``num_samples``, ``train_targets``, optionally
-``num_classes``) and the batch's dataset indices as ``step.extra["indices"]``.
+Needs the run context (``num_samples``, ``train_targets``, optionally ``num_classes``) at set-up
+and the batch's dataset indices (``step.index``).
 
 Under DistributedDataParallel the loss uses each rank's own batch (its own anchors and negatives),
 while the memory banks are updated with the batches of all ranks gathered (every rank applies the
@@ -43,15 +44,14 @@ and ``Z`` is estimated from the mean over ranks.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..collectives import gather_batch, mean_over_ranks
+from ..collectives import mean_over_ranks
 from ._common import OptionalKD, float32
 from .base import DistillMethod, Reads, RunContext, Step, register_method
+from .memory import ContrastMemory
 
 _EPS = 1e-7  # the released code's constant in the NCE denominators
 
@@ -66,7 +66,7 @@ def nce_loss(p: torch.Tensor, num_samples: int) -> torch.Tensor:
 
 
 @register_method
-class CRD(OptionalKD, DistillMethod):
+class CRD(ContrastMemory, OptionalKD, DistillMethod):
     name = "crd"
     paper = "Tian, Krishnan, Isola, ICLR 2020: Contrastive Representation Distillation"
     reads = Reads(student_features="post", teacher_features="post", logits=False, index=True, tasks=('classification',))
@@ -89,48 +89,10 @@ class CRD(OptionalKD, DistillMethod):
         self.embed_t: nn.Linear | None = None
 
     def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
-        if context.train_targets is None:
-            raise ValueError(
-                "crd needs the training set's labels for its memory banks: pass "
-                "context={'num_samples': N, 'train_targets': labels, 'num_classes': C} to Distiller"
-            )
-        labels = torch.as_tensor(context.train_targets, dtype=torch.long).flatten().cpu()
-        n = int(context.num_samples or labels.numel())
-        if labels.numel() != n:
-            raise ValueError(f"crd: train_targets has {labels.numel()} labels but num_samples is {n}")
-        num_classes = int(context.num_classes or int(labels.max()) + 1)
-        counts = torch.bincount(labels, minlength=num_classes)
-        fewest_negatives = int(n - counts.max())
-        if fewest_negatives < 1:
-            raise ValueError("crd samples negatives from other classes, but the training set has a single class")
-        self.num_samples = n
-        self.k = min(self.nce_k, n)
-        self.replacement = self.k > fewest_negatives
-
         self.embed_s = nn.Linear(probe.student_features[-1].shape[1], self.feat_dim)
         self.embed_t = nn.Linear(probe.teacher_features[-1].shape[1], self.feat_dim)
-        stdv = 1.0 / math.sqrt(self.feat_dim / 3)
-        self.register_buffer("memory_s", torch.rand(n, self.feat_dim).mul_(2 * stdv).sub_(stdv))
-        self.register_buffer("memory_t", torch.rand(n, self.feat_dim).mul_(2 * stdv).sub_(stdv))
+        self.init_memory(context, "crd", self.feat_dim, self.nce_k, ("memory_s", "memory_t"), clip_k=True)
         self.register_buffer("z", torch.full((2,), -1.0))  # [student-anchored, teacher-anchored]; < 0: unset
-        # for sampling: labels, and the dataset ordered by class with each class's start and size
-        self.register_buffer("labels", labels, persistent=False)
-        self.register_buffer("order", torch.argsort(labels, stable=True), persistent=False)
-        self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
-        self.register_buffer("class_count", counts, persistent=False)
-
-    def sample_negatives(self, classes: torch.Tensor) -> torch.Tensor:
-        """B x K dataset indices drawn uniformly from samples whose label differs from ``classes``."""
-        b, n, k = classes.shape[0], self.num_samples, self.k
-        if not self.replacement:
-            # a uniformly random K-subset: the K smallest random keys, same-class samples excluded
-            keys = torch.rand(b, n, device=classes.device)
-            keys.masked_fill_(self.labels.unsqueeze(0) == classes.unsqueeze(1), 2.0)
-            return keys.topk(k, dim=1, largest=False, sorted=False).indices
-        # with replacement: position r among the n - count other-class samples of the class order
-        count, start = self.class_count[classes].unsqueeze(1), self.class_start[classes].unsqueeze(1)
-        r = (torch.rand(b, k, device=classes.device) * (n - count)).long().clamp_max_(n - count - 1)
-        return self.order[r + (r >= start) * count]
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
         idx = step.index
@@ -153,13 +115,5 @@ class CRD(OptionalKD, DistillMethod):
                 self.z.copy_(z)
             loss = nce_loss(out_s / z[0], self.num_samples) + nce_loss(out_t / z[1], self.num_samples)
             if self.training:
-                self._update_memory(gather_batch(idx), gather_batch(v_s.detach()), gather_batch(v_t.detach()))
+                self.update_memory(idx, {"memory_s": v_s, "memory_t": v_t}, self.nce_m)
         return self.add_kd({"crd": self.weight * loss}, step)
-
-    @torch.no_grad()
-    def _update_memory(self, idx: torch.Tensor, v_s: torch.Tensor, v_t: torch.Tensor) -> None:
-        # Out of place: this step's scores still need the old banks for backward.
-        for name, v in (("memory_s", v_s), ("memory_t", v_t)):
-            bank = getattr(self, name)
-            rows = F.normalize(bank[idx] * self.nce_m + v * (1 - self.nce_m), dim=1)
-            setattr(self, name, bank.index_copy(0, idx, rows))

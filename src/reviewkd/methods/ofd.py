@@ -31,12 +31,30 @@ block's last BN; MobileNetV2 blocks end with a BN and no ReLU, and the BN ending
 block is used (mdistiller). Teachers without ``Stage.bn`` (the ShuffleNets, which neither reference
 code supports as an OFD teacher) are refused with :class:`IncompatiblePairError`.
 
-The connector's BatchNorm normalises over the batch: under DistributedDataParallel it uses each
-rank's own batch (convert it to SyncBatchNorm for gathered statistics); the loss is per sample.
+Teacher's BatchNorm mode, ``teacher_bn``: the authors train with the teacher in training mode
+(``d_net.t_net.train()`` every epoch in ``train_with_distillation.py``; mdistiller's ``OFD.train``
+does the same), so its BatchNorm layers normalise with the statistics of each batch, while its
+parameters are not updated (only the student and the connectors are optimised, and the teacher's
+features are detached). ``teacher_bn = "train"`` (default) does the same; ``"eval"`` uses the
+teacher's running statistics, as every other method does. The authors' training-mode forward also
+moves the teacher's running statistics, but nothing reads them afterwards: a training-mode forward
+normalises with the batch's statistics, the margins come from the BatchNorm's affine parameters
+(``weight``, ``bias``), which are fixed, and the teacher is evaluated only before training. So the
+teacher's running statistics are left unchanged here (the teacher a user passes in stays as it
+was), which gives the same losses and gradients. Only BatchNorm layers change mode (the zoo's
+teachers have no other mode-dependent layer, e.g. no active dropout), and only while the recipe
+trains: in eval mode (``distiller.eval()``) and in the probe pass the teacher uses its running
+statistics. A training-mode BatchNorm needs more than one value per channel: batches of one sample
+work as long as every BatchNorm of the teacher sees maps larger than 1 x 1.
+
+The connector's BatchNorm, and with ``teacher_bn = "train"`` the teacher's, normalise over the batch:
+under DistributedDataParallel they use each rank's own batch (convert the connectors to
+SyncBatchNorm for gathered statistics); the loss is per sample.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -45,6 +63,9 @@ from torch import nn
 from ..features import FeatureSpec, stage_batchnorms  # noqa: F401  (re-exported)
 from ._common import match_spatial
 from .base import DistillMethod, IncompatiblePairError, Reads, RunContext, Step, register_method
+
+
+TEACHER_BN_MODES = ("train", "eval")
 
 
 @torch.no_grad()
@@ -74,13 +95,21 @@ def build_connector(s_channels: int, t_channels: int) -> nn.Sequential:
 
 @register_method
 class OFD(DistillMethod):
+    """Margin ReLU on the teacher's pre-activations, a 1x1 conv + BN connector on the student's, and
+    the partial L2 distance between them, summed over the stages (deeper stages weigh more)."""
+
     name = "ofd"
     paper = "Heo et al., ICCV 2019: A Comprehensive Overhaul of Feature Distillation"
-    reads = Reads(student_features="pre", teacher_features="pre", logits=False, tasks=('classification', 'regression'))
+    reads = Reads(student_features="pre", teacher_features="pre", logits=False, tasks=('classification', 'regression'),
+                  teacher_bn="train")
 
-    def __init__(self, weight: float = 1e-3):
+    def __init__(self, weight: float = 1e-3, teacher_bn: str = "train"):
         super().__init__()
+        if teacher_bn not in TEACHER_BN_MODES:
+            raise ValueError(f"ofd: teacher_bn must be 'train' (batch statistics, the authors') or 'eval' "
+                             f"(running statistics), got {teacher_bn!r}")
         self.weight = float(weight)
+        self.reads = replace(type(self).reads, teacher_bn=teacher_bn)
         self.connectors = nn.ModuleList()
         self.num_stages = 0
 

@@ -7,7 +7,9 @@ Papers that quote "FLOPs" for CNNs usually mean MACs, i.e. half of these numbers
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -18,7 +20,15 @@ from reviewkd.features import FeatureTaps
 
 from .registry import create_model, list_models, model_family
 
-__all__ = ["count_parameters", "count_flops", "zoo_table", "format_table", "DEFAULT_INPUT_SIZE", "DEFAULT_NUM_CLASSES"]
+__all__ = ["count_parameters", "count_flops", "zoo_table", "format_table", "DEFAULT_INPUT_SIZE", "DEFAULT_NUM_CLASSES",
+           "ZOO_CONVENTIONS", "write_zoo_table"]
+
+# The zoo's rows as measured, shipped with the package so that `reviewkd models` builds nothing;
+# refreshed by `python -m reviewkd.models.summary` (a test checks it against a fresh measurement).
+ZOO_TABLE_FILE = Path(__file__).resolve().parent / "zoo_table.json"
+ZOO_CONVENTIONS = ("parameters and MFLOPs at each family's default: cifar 100 classes, 3x32x32 input; imagenet "
+                   "1000 classes, 3x224x224. FLOPs = 2 x multiply-adds (convolutions and matrix products only). "
+                   "channels: the feature stages' output channels.")
 
 # input size (C, H, W) and number of classes a family's models are measured with by default
 DEFAULT_INPUT_SIZE: dict[str, tuple[int, int, int]] = {"cifar": (3, 32, 32), "imagenet": (3, 224, 224)}
@@ -59,15 +69,24 @@ def zoo_table(
     names: Iterable[str] | None = None,
     num_classes: int | None = None,
     input_size: Sequence[int] | None = None,
+    measured: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per registered model: name, family, parameters, MFLOPs, stages, channels.
 
     ``num_classes`` / ``input_size`` default per family (CIFAR: 100 classes, 3x32x32; ImageNet:
     1000 classes, 3x224x224); an explicit value applies to every model. ``channels`` lists the
     channels of the feature stages (the pooled entry has the channels of the last stage's output).
+    ``measured=False``: rows at the defaults come from the shipped table; only models missing there
+    are built and measured.
     """
+    names = list(names) if names is not None else list_models()
+    if not measured and num_classes is None and input_size is None:
+        stored = _stored_rows()
+        missing = [n for n in names if n not in stored]
+        fresh = {row["name"]: row for row in zoo_table(missing)} if missing else {}
+        return [stored[n] if n in stored else fresh[n] for n in names]
     rows = []
-    for name in list(names) if names is not None else list_models():
+    for name in names:
         family = model_family(name)
         classes = num_classes if num_classes is not None else DEFAULT_NUM_CLASSES.get(family, 100)
         size = tuple(input_size) if input_size is not None else DEFAULT_INPUT_SIZE.get(family, (3, 32, 32))
@@ -91,6 +110,19 @@ def zoo_table(
             }
         )
     return rows
+
+
+def _stored_rows() -> dict[str, dict[str, Any]]:
+    if not ZOO_TABLE_FILE.is_file():
+        return {}
+    rows = json.loads(ZOO_TABLE_FILE.read_text())
+    return {row["name"]: {**row, "channels": tuple(row["channels"])} for row in rows}
+
+
+def write_zoo_table(path: Path = ZOO_TABLE_FILE) -> None:
+    """Measure every zoo model at its family's defaults and store the rows."""
+    rows = zoo_table()
+    path.write_text(json.dumps([{**r, "channels": list(r["channels"])} for r in rows], indent=1) + "\n")
 
 
 def _cell(value: Any, fmt: str | Callable[[Any], str] | None) -> str:
@@ -141,3 +173,8 @@ def format_table(
     out = [line(titles), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+if __name__ == "__main__":
+    write_zoo_table()
+    print(f"wrote {ZOO_TABLE_FILE}")

@@ -12,9 +12,16 @@ The teacher is frozen: no gradients, always in eval mode (also after ``.train()`
 without an entry are masked: ``Step.teacher_mask``). The method configures itself
 from one probe pass of both networks on a dummy batch of ``input_size``; ``student_stages`` /
 ``teacher_stages`` (1-based) pick stages when the two networks have different numbers of them.
+
+For direct use: a method whose weight warms up over the epochs (ReviewKD, DKD) needs ``epoch=`` (a
+call without it is refused rather than trained as epoch 0, where ReviewKD's weight is 0);
+``state_dict()`` / ``load_state_dict()`` hold the student and the method's modules, never the frozen
+teacher; ``remove()``, or leaving a ``with Distiller(...) as d:`` block, takes the feature taps off
+both networks, leaving the student a plain module to evaluate or export.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Callable, Iterator, Sequence
 
@@ -35,8 +42,45 @@ def model_name(model: nn.Module | None, default: str = "-") -> str:
     return default if model is None else getattr(model, "model_name", type(model).__name__)
 
 
+def _drop_grad(tensor: torch.Tensor) -> None:
+    tensor.grad = None
+
+
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"ce": F.cross_entropy(outputs, targets)}
+
+
+@contextmanager
+def batch_statistics(batchnorms: Sequence[nn.Module]):
+    """Inside: the BatchNorm layers normalise with the batch's statistics and leave their running
+    statistics as they are (no running statistics are passed to the kernel); modes restored on exit."""
+    saved = [(bn.training, bn.track_running_stats) for bn in batchnorms]
+    for bn in batchnorms:
+        bn.training, bn.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for bn, (training, track) in zip(batchnorms, saved):
+            bn.training, bn.track_running_stats = training, track
+
+
+def _drop_teacher_state(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: the frozen teacher is not part of what a Distiller saves."""
+    own = f"{prefix}teacher"
+    for key in [k for k in state_dict if k.startswith(own + ".")]:
+        del state_dict[key]
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k == own or k.startswith(own + ".")]:
+            del metadata[key]
+
+
+def _keep_teacher_state(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a teacher missing from ``state_dict`` keeps its current tensors
+    (entries that are present, e.g. in an older full state dict, are loaded)."""
+    if module.teacher is not None:
+        for name, value in module.teacher.state_dict(keep_vars=True).items():
+            state_dict.setdefault(f"{prefix}teacher.{name}", value)
 
 
 class Distiller(Recipe):
@@ -71,6 +115,9 @@ class Distiller(Recipe):
         **method_options,
     ):
         super().__init__()
+        self.register_state_dict_post_hook(_drop_teacher_state)
+        self.register_load_state_dict_pre_hook(_keep_teacher_state)
+        self._removed = self._probing = False
         if method_options and not isinstance(method, str):
             raise ValueError("pass method options to the method object itself, not to Distiller")
         self.task = task or type(self).task
@@ -86,6 +133,11 @@ class Distiller(Recipe):
         if self.teacher is not None:
             self.teacher.requires_grad_(False)
             self.teacher.eval()
+        if reads.teacher_bn not in ("eval", "train"):
+            raise ValueError(f"method {self.method.name!r} asks for teacher_bn={reads.teacher_bn!r}; use 'eval' or 'train'")
+        # The teacher's BatchNorm layers a training step switches to batch statistics (see batch_statistics).
+        self._teacher_batchnorms = [] if reads.teacher_bn == "eval" or self.teacher is None else [
+            m for m in self.teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.ce_weight = float(self.method.ce_weight if ce_weight is None else ce_weight)
         self.task_loss = task_loss or cross_entropy
         self.teacher_input = teacher_input
@@ -127,6 +179,7 @@ class Distiller(Recipe):
         # Eval mode for the probe: a batch of 2 must not move any BatchNorm statistics.
         was_training = self.student.training
         self.student.eval()
+        self._probing = True  # the teacher, too, uses its running statistics in the probe
         try:
             try:
                 self.probe_step, _ = self._step(self.probe_batch(), epoch=0.0)
@@ -138,6 +191,7 @@ class Distiller(Recipe):
             self.method.setup(self.probe_step, context)
         finally:
             self.student.train(was_training)
+            self._probing = False
         self.method.to(self._device())
 
     # -------------------------------------------------------------- one pass
@@ -146,6 +200,9 @@ class Distiller(Recipe):
         x = batch.inputs["image"]
         if self.method.reads.input_grads and not x.requires_grad:
             x = x.detach().requires_grad_(True)
+            # The method reads input gradients with autograd.grad; the training backward must not
+            # leave one on the batch's inputs.
+            x.register_post_accumulate_grad_hook(_drop_grad)
             batch.inputs["image"] = x
         if self._student_taps is not None:
             outputs, feats = self._student_taps(x)
@@ -167,11 +224,20 @@ class Distiller(Recipe):
             return self._teacher_taps(x)
         return self.teacher(x), None
 
+    def _teacher_norm(self):
+        """The context the teacher runs in: batch statistics while training, if the method asks."""
+        if self._teacher_batchnorms and self.training and not self._probing:
+            return batch_statistics(self._teacher_batchnorms)
+        return nullcontext()
+
     def _step(self, batch: Batch, epoch: float) -> tuple[Step, dict[str, torch.Tensor]]:
+        if self._removed:
+            raise RuntimeError("this Distiller's feature taps were removed (remove() or the end of its with block): "
+                               "build a new Distiller to train again")
         outputs, s_feats, task_losses, shared = self._student_pass(batch)
         t_logits = t_feats = None
         if self.teacher is not None:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._teacher_norm():
                 t_logits, t_feats = self._teacher_pass(batch, shared)
             # Inference tensors cannot be saved for backward; the losses need ordinary copies.
             t_logits = None if t_logits is None else t_logits.clone()
@@ -214,8 +280,18 @@ class Distiller(Recipe):
             return self.train_step(*args, **kwargs)
         images, targets = args[0], args[1] if len(args) > 1 else kwargs.pop("targets")
         index = kwargs.pop("index", kwargs.pop("indices", None))
-        batch = Batch({"image": images, **kwargs.pop("inputs", {})}, targets, index)
-        return self.losses(batch, float(kwargs.pop("epoch", 0.0)), pretrain=kwargs.pop("pretrain", False))
+        inputs, epoch, pretrain = kwargs.pop("inputs", {}), kwargs.pop("epoch", None), kwargs.pop("pretrain", False)
+        if kwargs:
+            raise TypeError(f"Distiller got unknown keyword argument(s) {sorted(kwargs)}; it takes targets, epoch, "
+                            "pretrain, index (or indices) and inputs")
+        warmup = self.method.warmup_epochs
+        if epoch is None and warmup > 0 and not pretrain:
+            # Defaulting to epoch 0 would silently train without (ReviewKD) or with 1/warm-up of
+            # (DKD) the distillation loss.
+            raise TypeError(f"method {self.method.name!r} warms its weight up over {warmup:g} epochs: pass the "
+                            "epoch, counted from 0, as distiller(images, targets, epoch=e)")
+        batch = Batch({"image": images, **inputs}, targets, index)
+        return self.losses(batch, float(epoch or 0.0), pretrain=pretrain)
 
     # ---------------------------------------------------------------- recipe
     def stages(self) -> list[Stage]:
@@ -245,6 +321,23 @@ class Distiller(Recipe):
         if self.teacher is not None:
             self.teacher.eval()
         return self
+
+    def remove(self) -> None:
+        """Take the feature taps (forward hooks) off the student and the teacher; the Distiller
+        computes no losses afterwards. Idempotent."""
+        for taps in self._hooks():
+            taps.remove()
+        self._removed = True
+
+    def _hooks(self) -> list:
+        """Everything that registered hooks on the networks (each with a ``remove()``)."""
+        return [t for t in (self._student_taps, self._teacher_taps) if t is not None]
+
+    def __enter__(self) -> "Distiller":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def deployable(self) -> nn.Module:
         return self.student
@@ -290,5 +383,7 @@ class Distiller(Recipe):
         own = sum(p.numel() for p in self.method.parameters())
         lines = [f"# method {self.method.name} (reads {', '.join(sides) or 'nothing'}; {own:,} trainable parameters "
                  "of its own)"]
+        if self._teacher_batchnorms:
+            lines.append("teacher BatchNorm: batch statistics while training (running statistics unchanged)")
         lines += [f"entry {i + 1}: student {s} -> teacher {t}" for i, (s, t) in enumerate(self.feature_pairs())]
         return lines

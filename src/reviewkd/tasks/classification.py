@@ -90,7 +90,8 @@ class ClassificationTask(Task):
                            seed=cfg.seed, rank=rank, world_size=world_size, subset=d.subset, augment=d.augment,
                            drop_last=True, channels_last=cfg.runtime.channels_last, workers=d.workers,
                            image_size=d.image_size, val_split=d.val_split)
-        context = RunContext(num_samples=b.num_samples, train_targets=b.train_targets, num_classes=b.num_classes)
+        context = RunContext(num_samples=b.num_samples, train_targets=b.train_targets, num_classes=b.num_classes,
+                             epochs=cfg.solver.epochs)
         meta = {"num_classes": b.num_classes, "input_size": list(b.input_size),
                 "class_names": list(b.class_names) if b.class_names else None}
         return TaskData(b.train, b.test, len(b.train), tuple(b.input_size), b.num_classes, context, meta,
