@@ -16,7 +16,7 @@ from pathlib import Path
 
 from reviewkd.config import load_config
 from reviewkd.engine.loop import Run
-from reviewkd.methods import list_methods, method_options
+from reviewkd.methods import list_methods, method_class, method_options
 from reviewkd.models.summary import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def main() -> None:
             print(f"skipping {method}: no recipe {file}")
             continue
         overrides = common + [f"solver.epochs={args.epochs}", f"name=bench_{method}"]
-        if method != "vanilla":
+        if method_class(method).reads.teacher:  # teacher-free recipes have no teacher section
             overrides.append(f"teacher.checkpoint={teacher.run_dir}/best.pt")
         if "pretrain_epochs" in method_options(method):
             overrides.append("method.options.pretrain_epochs=1")

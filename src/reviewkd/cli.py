@@ -1,4 +1,4 @@
-"""Command line: ``reviewkd train|eval|export|models|methods|demo|demo-detection|make-shapes``
+"""Command line: ``reviewkd train|eval|export|predict|models|methods|demo|demo-detection|make-shapes``
 (also ``python -m reviewkd``).
 
 User errors end with one line on stderr and a non-zero exit; ``--debug`` shows the traceback.
@@ -35,11 +35,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="best.pt / last.pt of a run")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.root=/data/cifar")
 
-    x = sub.add_parser("export", help="export the bare student of a checkpoint (state dict, safetensors, TorchScript, ONNX)")
+    x = sub.add_parser("export", help="export the bare student of a checkpoint (state dict, safetensors, TorchScript, "
+                       "torch.export .pt2, ONNX) with its metadata (classes, input size, preprocessing) in model.json")
     x.add_argument("checkpoint", help="best.pt / last.pt of a run")
     x.add_argument("--out", default=None, help="output folder (default: <run>/export)")
-    x.add_argument("--formats", default=None, help="comma-separated formats (default: pt,safetensors,torchscript,onnx; "
-                   "detectors: pt,safetensors,torchscript)")
+    x.add_argument("--formats", default=None, help="comma-separated formats (default: pt,safetensors,torchscript,pt2,onnx; "
+                   "detectors: pt,safetensors,torchscript). pt2 and onnx come from torch.export with dynamic batch, "
+                   "height and width where the model allows; torchscript is kept for runtimes that need it "
+                   "(PyTorch deprecates it)")
+
+    pr = sub.add_parser("predict", help="classify image files with a run checkpoint or an export: top-k classes "
+                        "with their probabilities", description="Classify PNG / JPEG images (grey or colour) with the "
+                        "preprocessing the model was trained with.")
+    pr.add_argument("model", metavar="CHECKPOINT_OR_EXPORT", help="best.pt / last.pt of a run, a folder written by "
+                    "`reviewkd export`, or one exported file (.pt, .safetensors, .pt2, .torchscript.pt, .onnx)")
+    pr.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders (searched recursively)")
+    pr.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    pr.add_argument("--json", action="store_true", help="machine-readable output (one JSON document)")
+    pr.add_argument("--format", default=None, help="which file of an export folder to use (default: the state "
+                    "dict): pt, safetensors, pt2, torchscript or onnx")
 
     m = sub.add_parser("models", help="list the model zoo with parameters and FLOPs")
     m.add_argument("--family", choices=["cifar", "imagenet"], default=None, help="only this family")
@@ -131,9 +145,27 @@ def _cmd_export(args) -> int:
     out = args.out or str(Path(args.checkpoint).resolve().parent / "export")
     formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
     results = export_student(args.checkpoint, out, formats)
-    rows = [{"format": k, "file": v["path"], "max |diff|": v["max_abs_diff"]} for k, v in results.items()]
-    print(format_table(rows, ["format", "file", "max |diff|"]))
-    print("every export reproduces the trained student's outputs")
+    rows = [{"format": k, "file": v["path"], "max |diff|": v["max_abs_diff"],
+             "dynamic axes": ", ".join(a for a, on in v.get("dynamic_axes", {}).items() if on) or "-"}
+            for k, v in results.items()]
+    print(format_table(rows, ["format", "file", "max |diff|", "dynamic axes"], formats={"max |diff|": ".1e"}))
+    for note in dict.fromkeys(v["note"] for v in results.values() if v.get("note")):
+        print(f"note: {note}")
+    print(f"every export reproduces the trained student's outputs; metadata in {Path(out) / 'model.json'}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    import json
+
+    from .predict import find_images, format_predictions, load_student
+
+    if args.topk < 1:
+        raise ValueError(f"--topk must be at least 1, got {args.topk}")
+    images = find_images(args.images)  # missing files and non-images are refused before the model loads
+    student = load_student(args.model, format=args.format)
+    predictions = student.predict(images, topk=args.topk)
+    print(json.dumps(predictions, indent=2) if args.json else format_predictions(predictions))
     return 0
 
 
@@ -206,7 +238,7 @@ def _cmd_make_shapes(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "models": _cmd_models,
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "predict": _cmd_predict, "models": _cmd_models,
             "methods": _cmd_methods, "recipes": _cmd_recipes, "demo": _cmd_demo, "demo-detection": _cmd_demo_detection,
             "make-shapes": _cmd_make_shapes}
 

@@ -46,15 +46,40 @@ class DataConfig(_Section):
     image_size: int = Field(224, gt=0)  # imagefolder and regression
 
 
+class TapConfig(_Section):
+    module: str
+    port: Literal["output", "input"] = "output"  # input: the first input of the module's last call
+
+
+class FeaturesConfig(_Section):
+    """A model's stages by module name (see reviewkd.models.stages): ``post`` shallow to deep,
+    ``pooled``; optionally ``pre`` (default: post) and ``bn`` (a BatchNorm name or null per stage)."""
+
+    post: list[str | TapConfig] = Field(min_length=1)
+    pooled: str | TapConfig
+    pre: Optional[list[str | TapConfig]] = None
+    bn: Optional[list[Optional[str]]] = None
+
+    @model_validator(mode="after")
+    def _one_per_stage(self) -> "FeaturesConfig":
+        for key in ("pre", "bn"):
+            value = getattr(self, key)
+            if value is not None and len(value) != len(self.post):
+                raise ValueError(f"features.{key} has {len(value)} entries, post {len(self.post)}: give one per stage")
+        return self
+
+
 class ModelConfig(_Section):
-    name: str = "resnet8"
+    name: str = "resnet8"  # a zoo model, torchvision/<builder>, timm/<name> or package.module:function
     weights: Optional[str] = None  # initial weights (torch / torchvision / safetensors file)
+    features: Optional[FeaturesConfig] = None  # its stages, when they are not found automatically
 
 
 class TeacherConfig(_Section):
     name: str
     checkpoint: Optional[str] = None  # a run checkpoint (best.pt / last.pt) or a bare weight file
     config: Optional[str] = None  # the teacher's own config: trained first when the checkpoint is missing
+    features: Optional[FeaturesConfig] = None  # its stages, when they are not found automatically
     # overrides for the teacher's config when it is trained first (the student's own overrides reach
     # it only for where and how to run: output_dir, data.root, data.workers, runtime.*)
     overrides: list[str] = Field(default_factory=list)

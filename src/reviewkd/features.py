@@ -9,6 +9,10 @@ globally pooled feature; it is returned as N x C x 1 x 1 and comes last, as the 
 A :class:`Tap` reads either the output of a module or the first positional input of its *last*
 call in the forward pass, which handles modules that are called several times (torchvision's
 ResNet blocks call one ReLU module twice: the input of the second call is the pre-activation).
+
+Stage features must be N x C x H x W maps: a tap that gives anything else (the N x L x C tokens of
+a vision transformer, say) is refused with :class:`FeatureTapError` on the first call, which is the
+recipe's probe pass at set-up, not a step in the middle of training.
 """
 from __future__ import annotations
 
@@ -20,6 +24,14 @@ from torch import nn
 
 Port = Literal["output", "input"]
 Kind = Literal["post", "pre"]
+
+
+class FeatureTapError(RuntimeError):
+    """Taps that do not give usable features; ``layout`` is True when a stage is not N x C x H x W."""
+
+    def __init__(self, message: str, layout: bool = False):
+        super().__init__(message)
+        self.layout = layout
 
 
 @dataclass(frozen=True)
@@ -77,9 +89,11 @@ class FeatureSpec:
 def feature_spec_of(model: nn.Module) -> FeatureSpec:
     spec = getattr(model, "feature_spec", None)
     if not isinstance(spec, FeatureSpec):
+        name = getattr(model, "model_name", type(model).__name__)
         raise ValueError(
-            f"{type(model).__name__} does not declare its stages: pass a FeatureSpec, e.g. "
-            "FeatureSpec.from_names(post=['layer1', 'layer2', 'layer3'], pooled='avgpool')"
+            f"{name} does not declare its stages: pass a FeatureSpec (student_spec= / teacher_spec=), e.g. "
+            "FeatureSpec.from_names(post=['layer1', 'layer2', 'layer3'], pooled='avgpool'), or in a config "
+            "model.features / teacher.features: {post: [layer1, layer2, layer3], pooled: avgpool}"
         )
     return spec
 
@@ -147,12 +161,21 @@ class FeatureTaps:
             self._recording = False
         if len(self._store) != len(self.taps):
             unseen = [self.taps[i].module for i in range(len(self.taps)) if i not in self._store]
-            raise RuntimeError(f"modules {unseen} of {type(self.model).__name__} did not run in forward")
+            raise FeatureTapError(f"modules {unseen} of {type(self.model).__name__} did not run in forward")
         feats = [self._store[i] for i in range(len(self.taps))]
         self._store.clear()
+        for tap, f in zip(self.taps[:-1], feats[:-1]):
+            if not torch.is_tensor(f) or f.dim() != 4:
+                shape = tuple(f.shape) if torch.is_tensor(f) else type(f).__name__
+                tokens = " (tokens, N x L x C)" if torch.is_tensor(f) and f.dim() == 3 else ""
+                raise FeatureTapError(f"stage tap {tap.module!r} gives {shape}{tokens}, not N x C x H x W", layout=True)
         pooled = feats[-1]
+        if not torch.is_tensor(pooled) or pooled.dim() not in (2, 4):
+            shape = tuple(pooled.shape) if torch.is_tensor(pooled) else type(pooled).__name__
+            raise FeatureTapError(f"pooled tap {self.spec.pooled.module!r} gives {shape}, not N x C or N x C x 1 x 1",
+                                  layout=True)
         if pooled.dim() == 4 and pooled.shape[-2:] != (1, 1):
-            raise RuntimeError(
+            raise FeatureTapError(
                 f"pooled tap {self.spec.pooled.module!r} gives {tuple(pooled.shape)}: name the module "
                 "whose output is the globally pooled feature (N x C or N x C x 1 x 1)"
             )

@@ -27,6 +27,9 @@ LIGHT_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}
 # The methods the paper is compared with; their defaults are each method's CIFAR-100 benchmark recipe.
 OTHER_METHODS = ["kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "ofd", "dkd"]
 FASHION_METHODS = ["vanilla", "reviewkd", "feature_mse"] + OTHER_METHODS
+# Teacher-free methods (no teacher section): the student alone, compared with its vanilla run.
+TEACHER_FREE_METHODS = ["introspective", "label_smoothing", "confidence_penalty", "pskd"]
+FASHION_METHODS += TEACHER_FREE_METHODS
 # Methods whose CIFAR-100 recipes spell out their options: (options, where the values come from).
 CIFAR_OPTIONS = {
     "cc": ("{form: benchmark, weight: 0.02, embed_dim: 128}",
@@ -177,7 +180,7 @@ method: {{name: reviewkd, options: {{weight: {d['weight']}, warmup_epochs: {d['w
 {schedule}""")
     for method in FASHION_METHODS:
         options = ", options: {weight: 1.0, warmup_epochs: 1}" if method == "reviewkd" else ""
-        teacher = ("" if method == "vanilla" else
+        teacher = ("" if method in ("vanilla", *TEACHER_FREE_METHODS) else
                    "\nteacher: {name: resnet20, checkpoint: runs/fmnist_resnet20_teacher/best.pt,\n"
                    "          config: ../teacher_resnet20.yaml}")
         write(base / "resnet20_resnet8" / f"{method}.yaml", f"""
@@ -188,8 +191,114 @@ method: {{name: {method}{options}}}
 """)
 
 
+
+# HKD (Zhou et al., ICCV 2021): the five CIFAR-100 pairs of the released code's README table, with the
+# paper's top-1 (mean +- std): HKD / HKD+KD. Teachers: resnet32x4 79.42, vgg13 74.64, ResNet50 79.34.
+HKD_PAIRS = [
+    ("resnet32x4", "resnet8x4", "75.63+-0.22 / 76.13+-0.05"),
+    ("resnet32x4", "ShuffleV2", "76.31+-0.30 / 76.92+-0.22"),
+    ("vgg13", "MobileNetV2", "69.97+-0.42 / 70.48+-0.25"),
+    ("ResNet50", "vgg8", "74.86+-0.17 / 74.88+-0.30"),
+    ("ResNet50", "MobileNetV2", "69.83+-0.15 / 70.72+-0.32"),
+]
+# The released script's two rows: "-a 0 -b 3" (graph loss x 3 + CE) and "-a 1 -b 3" (+ KD x 1, T = 4).
+HKD_VARIANTS = {"hkd": "{weight: 3.0}", "hkd_kd": "{weight: 3.0, kd_weight: 1.0}"}
+
+
+def hkd() -> None:
+    """HKD and HKD+KD on the CIFAR-100 benchmark recipe (batch 64, LR 0.05, 0.01 for MobileNetV2 /
+    ShuffleNet students, no Nesterov), and on the Fashion-MNIST pair with its short schedule."""
+    for teacher, student, paper in HKD_PAIRS:
+        lr = "\nsolver: {lr: 0.01}" if student in LIGHT_STUDENTS else ""
+        for variant, options in HKD_VARIANTS.items():
+            write(ROOT / "cifar100" / f"{teacher}_{student}" / f"{variant}.yaml", f"""
+# {variant} {teacher} -> {student} as released; paper top-1 (HKD / HKD+KD): {paper}
+base: ../_base.yaml
+name: cifar100_{teacher}_{student}_{variant}
+model: {{name: {student}}}
+teacher: {{name: {teacher}, checkpoint: runs/cifar100_{teacher}_vanilla/best.pt,
+          config: ../baselines/{teacher}.yaml}}
+method: {{name: hkd, options: {options}}}{lr}
+""")
+    for variant, options in HKD_VARIANTS.items():
+        write(ROOT / "fashion_mnist" / "resnet20_resnet8" / f"{variant}.yaml", f"""
+base: ../_base.yaml
+name: fmnist_resnet20_resnet8_{variant}
+model: {{name: resnet8}}
+teacher: {{name: resnet20, checkpoint: runs/fmnist_resnet20_teacher/best.pt,
+          config: ../teacher_resnet20.yaml}}
+method: {{name: hkd, options: {options}}}
+""")
+
+
+# FFSD (Li et al., TNNLS 2022) and its DML baseline, without a teacher, on the networks of FFSD's
+# README, with the leader top-1 of its three released runs.
+ONLINE_CIFAR = [
+    ("resnet20", "72.64 / 72.58 / 72.88"), ("resnet32", "74.92 / 74.82 / 74.82"), ("resnet56", "75.84 / 75.66 / 75.91"),
+    ("wrn_16_2", "75.87 / 75.86 / 75.69"), ("wrn_40_2", "79.13 / 79.19 / 79.11"),
+    ("densenet40", "77.29 / 77.70 / 77.17"), ("googlenet", "81.52 / 81.93 / 81.34"),
+]
+ONLINE_IMAGENET = [("imagenet_resnet18", "70.87"), ("imagenet_resnet34", "74.69")]
+DML_NOTE = ("# DML baseline: FFSD's common students alone (mutual term at FFSD's T = 2, its schedule; no fusion,\n"
+            "# diversity or decoders); the first network is deployed. The DML paper itself has T = 1.\n")
+
+
+def online() -> None:
+    """FFSD and DML recipes: the released settings of the authors' code (SJLeo/FFSD)."""
+    write(ROOT / "cifar100" / "online" / "_base.yaml", """
+# FFSD's released CIFAR-100 settings: batch 128, SGD 0.1 with Nesterov momentum 0.9, weight decay 1e-4,
+# LR x0.1 at epochs 150 and 225; the code's loop runs its epochs 1..299, so 299 epochs. Augmentation is
+# the project's CIFAR pipeline (zero padding 4 + random crop + flip, CIFAR-100 mean/std); the code pads
+# by reflection and normalises with (0.5071, 0.4865, 0.4409) / (0.2673, 0.2564, 0.2762).
+base: ../_base.yaml
+data: {batch_size: 128}
+solver: {lr: 0.1, nesterov: true, weight_decay: 1.0e-4, epochs: 299, milestones: [150, 225]}
+""")
+    write(ROOT / "imagenet" / "online" / "_base.yaml", """
+# FFSD's released ImageNet settings: batch 256, SGD 0.1 with Nesterov momentum 0.9, weight decay 1e-4;
+# the code runs its epochs 1..89 with LR x0.1 from its epochs 30, 60 and 80 (0-based here: 29, 59, 79)
+# and a per-iteration linear warm-up reaching the full LR after its epoch 4 (from 0.2 x LR there, from 0
+# here). The decoders follow this schedule too (the code: x0.1 one epoch later, no warm-up).
+base: ../_base.yaml
+solver: {nesterov: true, epochs: 89, milestones: [29, 59, 79], warmup_epochs: 4}
+""")
+    runs = [("cifar100", m, paper) for m, paper in ONLINE_CIFAR] + [("imagenet", m, p) for m, p in ONLINE_IMAGENET]
+    for data, model, paper in runs:
+        short = model.removeprefix("imagenet_")
+        folder = ROOT / data / "online" / short
+        write(folder / "ffsd.yaml", f"""
+# FFSD: a {model} leader (deployed) taught by the fusion of 2 common {model} students; paper leader
+# top-1: {paper}
+base: ../_base.yaml
+name: {data}_{short}_ffsd
+model: {{name: {model}}}
+method: {{name: ffsd}}
+""")
+        write(folder / "dml.yaml", DML_NOTE + f"""base: ../_base.yaml
+name: {data}_{short}_dml
+model: {{name: {model}}}
+method: {{name: dml, options: {{temperature: 2.0}}}}
+""")
+    fashion = ROOT / "fashion_mnist" / "resnet20_resnet8"
+    write(fashion / "ffsd.yaml", """
+# FFSD on the short schedule: a resnet8 leader and 2 common resnet8 students, no teacher. The loss
+# weights are full from the first epoch (FFSD's 5 warm-up epochs of 300 scale to under one of 15).
+base: ../_base.yaml
+name: fmnist_resnet20_resnet8_ffsd
+model: {name: resnet8}
+method: {name: ffsd, options: {warmup_epochs: 1}}
+""")
+    write(fashion / "dml.yaml", DML_NOTE + """base: ../_base.yaml
+name: fmnist_resnet20_resnet8_dml
+model: {name: resnet8}
+method: {name: dml, options: {temperature: 2.0}}
+""")
+
+
 if __name__ == "__main__":
     cifar()
     imagenet()
     fashion_mnist()
+    hkd()
+    online()
     print(f"recipes written under {ROOT}")

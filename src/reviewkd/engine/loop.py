@@ -65,12 +65,13 @@ def build_optimizer(group: Group, solver) -> torch.optim.Optimizer:
     params = [p for p in group.params if p.requires_grad]
     lr = solver.lr if group.lr is None else group.lr
     kind = group.optimizer or solver.optimizer
+    options = {"weight_decay": solver.weight_decay, **group.options}  # a group may set its own weight decay
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=solver.momentum, nesterov=solver.nesterov and solver.momentum > 0,
-                               weight_decay=solver.weight_decay, **group.options)
+                               **options)
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=solver.weight_decay, **group.options)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=solver.weight_decay, **group.options)
+        return torch.optim.Adam(params, lr=lr, **options)
+    return torch.optim.AdamW(params, lr=lr, **options)
 
 
 @dataclass
@@ -330,7 +331,7 @@ class Run:
         self.selected_test_metrics: Optional[dict] = None
         self.history: list[dict] = []
         self._rng: Optional[dict] = None
-        self._open_row: Optional[tuple] = None  # (sums, window, seen) of a row a checkpoint interrupts
+        self._open_row: Optional[tuple] = None  # (sums, window, seen, lr) of a row a checkpoint interrupts
         if self.resume:
             self._load_last()
         collectives.broadcast_state_dicts(self.recipe.trained_state())
@@ -359,7 +360,7 @@ class Run:
             "rng": rng_state(), "config": self.cfg.model_dump(mode="json"),
             "open_row": None if self._open_row is None else {
                 "sums": {k: v.detach().cpu() for k, v in self._open_row[0].items()},
-                "window": self._open_row[1], "seen": self._open_row[2]},
+                "window": self._open_row[1], "seen": self._open_row[2], "lr": self._open_row[3]},
         }
 
     def _save(self, is_best: bool, done: bool = False) -> None:
@@ -394,7 +395,8 @@ class Run:
         self._rng = ckpt["rng"]  # restored once the data stream exists (creating it may draw from the RNG)
         row = ckpt.get("open_row")
         if row is not None:  # written in the middle of a row (runtime.checkpoint_every)
-            self._open_row = ({k: v.to(self.device) for k, v in row["sums"].items()}, row["window"], row["seen"])
+            self._open_row = ({k: v.to(self.device) for k, v in row["sums"].items()}, row["window"], row["seen"],
+                              row["lr"])
         saved = ckpt["config"].get("solver", {})
         changed = [k for k, v in self.cfg.solver.model_dump(mode="json").items() if k != "epochs" and saved.get(k) != v]
         if changed:
@@ -513,11 +515,11 @@ class Run:
         bar = tqdm(total=total, initial=self.stage_iteration, desc=f"{self.cfg.name} {stage.name}", leave=False,
                    dynamic_ncols=True, disable=None if self._bars() else True)
         # a row's running sums, restored when a checkpoint was written in the middle of it
-        sums, window, seen = self._open_row or ({}, 0, 0)
+        lr = groups[0].optimizer.param_groups[0]["lr"]
+        sums, window, seen, lr = self._open_row or ({}, 0, 0, lr)
         self._open_row = None
         window_start = last_line = time.perf_counter()
         lines = bar.disable and self.cfg.runtime.log_every_seconds > 0  # no bar: progress lines instead
-        lr = groups[0].optimizer.param_groups[0]["lr"]
         try:
             while self.stage_iteration < stop:
                 it = self.stage_iteration
@@ -547,7 +549,7 @@ class Run:
                 save = it % checkpoint_period == 0 or it == total or it == stop
                 if not (end_of_row or save or evaluate):
                     if step_checkpoints and it % step_checkpoints == 0:
-                        self._open_row = (sums, window, seen)
+                        self._open_row = (sums, window, seen, lr)
                         self._save(is_best=False)
                         self._open_row = None
                     continue

@@ -37,3 +37,4 @@ from . import dkd  # noqa: E402,F401
 from . import feature_mse  # noqa: E402,F401
 from . import introspective  # noqa: E402,F401
 from . import teacher_free  # noqa: E402,F401
+from . import online  # noqa: E402,F401  (dml, ffsd: trained by recipes.OnlineDistillation)

@@ -32,12 +32,6 @@ def register_model(name: str | None = None, family: str = "cifar"):
     return wrap
 
 
-def attach_feature_spec(model: nn.Module) -> None:
-    from .stages import attach_feature_spec as attach  # the stage finders import the zoo, which imports this
-
-    attach(model)
-
-
 def list_models(family: str | None = None) -> list[str]:
     return [n for n in _MODELS if family is None or _FAMILY[n] == family]
 
@@ -78,6 +72,8 @@ def create_model(name: str, num_classes: int = 100, **kwargs) -> nn.Module:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     model = create_external(name, num_classes, **kwargs) if external else _MODELS[name](num_classes=num_classes, **kwargs)
+    from .stages import attach_feature_spec  # here: the stage finders import the zoo, which imports this module
+
     attach_feature_spec(model)
     model.model_name = name
     return model

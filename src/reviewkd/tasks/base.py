@@ -2,6 +2,7 @@
 ``best.pt``), and the pieces of export. The loop and the recipes know tasks only through this."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -49,6 +50,19 @@ class TaskData:
                 if i >= skip:
                     yield batch
             epoch, skip = epoch + 1, 0
+
+
+# PyTorch announces TorchScript's deprecation on every call; exporting or loading that format is a
+# deliberate choice, so only these notices are silenced, nothing else.
+TORCHSCRIPT_NOTICE = r"`torch\.jit\.\w+` is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_torchscript():
+    """Drops TorchScript's deprecation notices (and nothing else) inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TORCHSCRIPT_NOTICE, category=FutureWarning)
+        yield
 
 
 class Task:
@@ -130,7 +144,11 @@ class Task:
         return score > best if self.higher_is_better else score < best
 
     # ---------------------------------------------------------------- export
-    export_formats: tuple[str, ...] = ("pt", "safetensors", "torchscript", "onnx")
+    export_formats: tuple[str, ...] = ("pt", "safetensors", "torchscript", "pt2", "onnx")
+    # formats this task cannot write, with the one-line reason given to whoever asks for them
+    unavailable_export_formats: dict[str, str] = {}
+    # axes of the input tensor that pt2 / ONNX exports keep dynamic where the model allows
+    dynamic_axes: dict[int, str] = {0: "batch", 2: "height", 3: "width"}
 
     def rebuild(self, meta: dict, cfg, export: bool = True) -> nn.Module:
         """The bare deployable network of a checkpoint, without weights, in eval mode."""
@@ -139,9 +157,24 @@ class Task:
     def sample_inputs(self, meta: dict, cfg):
         raise NotImplementedError
 
+    def other_sample_inputs(self, inputs: torch.Tensor, dynamic: dict[str, bool]) -> list[torch.Tensor]:
+        """Inputs of another size along every dynamic axis (one image, 8 / 16 more rows / columns),
+        on which an export claiming those axes is checked as well."""
+        n, c, h, w = inputs.shape
+        shape = (1 if dynamic.get("batch") else n, c, h + 8 if dynamic.get("height") else h,
+                 w + 16 if dynamic.get("width") else w)
+        return [torch.randn(shape, generator=torch.Generator().manual_seed(1))] if shape != tuple(inputs.shape) else []
+
+    def preprocessing(self, model: nn.Module, meta: dict, cfg) -> dict:
+        """How images become the model's input, as evaluation did it (``data.preprocessing``)."""
+        from ..data.preprocessing import eval_preprocessing
+
+        return eval_preprocessing(cfg)
+
     def to_torchscript(self, model: nn.Module, inputs):
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        # the export is compared with the model afterwards, so the tracer's warnings add nothing
+        with torch.no_grad(), quiet_torchscript():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return torch.jit.trace(model, inputs)
 
     def run_exported(self, model, inputs):

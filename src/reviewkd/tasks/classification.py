@@ -11,9 +11,12 @@ from ..batch import Batch
 from ..collectives import sum_over_ranks
 from ..data import build_datasets
 from ..engine.runtime import autocast
-from ..methods import RunContext
+from ..methods import RunContext, method_class
 from ..models import create_model, load_weights
+from ..models.stages import prepare_stages
+from ..methods.online import OnlineMethod
 from ..recipes.distill import Distiller
+from ..recipes.online import build_online_recipe
 from .base import RunSchedule, Task, TaskData
 
 _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
@@ -62,11 +65,20 @@ class ClassificationTask(Task):
         return (3, cfg.data.image_size, cfg.data.image_size) if cfg.data.name == "imagefolder" else (3, 32, 32)
 
     def build_model(self, name: str, cfg, num_outputs: int) -> nn.Module:
-        return create_model(name, num_classes=num_outputs)
+        return self._with_stages(create_model(name, num_classes=num_outputs), "student", cfg)
 
     def build_teacher(self, name: str, cfg, num_outputs: int, weights) -> nn.Module:
         model = create_model(name, num_classes=num_outputs)
-        return model if weights is None else load_weights(model, weights)
+        model = model if weights is None else load_weights(model, weights)
+        return self._with_stages(model, "teacher", cfg)
+
+    def _with_stages(self, model: nn.Module, side: str, cfg) -> nn.Module:
+        """The config's ``features`` spec applied, and the stages the method reads checked by one
+        forward pass of this side alone, so that errors name the side (before the recipe's probe)."""
+        reads = method_class(cfg.method.name).reads
+        kind = reads.student_features if side == "student" else reads.teacher_features
+        section = cfg.model if side == "student" else cfg.teacher
+        return prepare_stages(model, side, getattr(section, "features", None), kind, self.probe_size(cfg))
 
     def recipe_options(self, cfg) -> dict:
         m = cfg.method
@@ -74,6 +86,9 @@ class ClassificationTask(Task):
                     pretrain_lr=cfg.solver.pretrain_lr, task=self.name, **m.options)
 
     def build_recipe(self, cfg, student, teacher, input_size, context: RunContext):
+        if issubclass(method_class(cfg.method.name), OnlineMethod):  # several networks trained together, no teacher
+            make = lambda: self.build_model(cfg.model.name, cfg, context.num_classes)  # noqa: E731
+            return build_online_recipe(cfg, student, make, input_size)
         return Distiller(student, teacher, cfg.method.name, input_size=input_size, context=context,
                          **self.recipe_options(cfg))
 
@@ -115,7 +130,8 @@ class ClassificationTask(Task):
 
     # ---------------------------------------------------------------- export
     def rebuild(self, meta: dict, cfg, export: bool = True) -> nn.Module:
-        return create_model(meta["model_name"], num_classes=meta["num_classes"]).eval()
+        model = create_model(meta["model_name"], num_classes=meta["num_classes"])
+        return prepare_stages(model, "student", getattr(getattr(cfg, "model", None), "features", None)).eval()
 
     def sample_inputs(self, meta: dict, cfg):
         return torch.randn(4, *meta["input_size"], generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,6 @@
 schedules, COCO box / mask AP."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from ..batch import batch_to
 from ..config import ConfigError
+from ..data.preprocessing import detector_preprocessing
 from ..detection.coco_eval import evaluate_detector
 from ..detection.data import build_detection_data, build_val_set, quiet_coco, resize, resolve, val_loader
 from ..detection.distiller import DetectionDistiller
@@ -18,7 +18,7 @@ from ..detection.models import (classes_in, create_detector, detector_state_dict
                                 parse_name)
 from ..engine.runtime import autocast
 from ..methods import RunContext
-from .base import RunSchedule, Task, TaskData
+from .base import RunSchedule, Task, TaskData, quiet_torchscript
 
 # solver fields of epoch-based schedules, and what replaces them in a detection config
 _EPOCH_FIELDS = {"epochs": "detection.max_iter", "milestones": "detection.steps",
@@ -32,6 +32,16 @@ def detector_kwargs(cfg) -> dict:
     frozen = det.frozen_bn if det.frozen_bn is not None else det.backbone_weights is not None
     return {"frozen_bn": bool(frozen), "min_size": det.min_size_test, "max_size": det.max_size_test,
             "options": dict(det.detector_options)}
+
+
+# Why detectors have no pt2 / ONNX export (measured with torch 2.14, torchvision 0.29): the current
+# ONNX exporter and pt2 both start from torch.export, and torchvision's inference branches on how
+# many boxes survive each step (batched_nms on boxes.numel() > 4000 and, with that branch taken out,
+# on whether any box is left), which torch.export cannot trace.
+_NO_TORCH_EXPORT = ("{fmt} export is not available for detectors: it is built on torch.export, which cannot trace "
+                    "torchvision's detection post-processing (its control flow depends on how many boxes are left: "
+                    "batched_nms branches on boxes.numel() in torchvision/ops/boxes.py); export with "
+                    "--formats pt,safetensors,torchscript")
 
 
 @dataclass
@@ -55,6 +65,7 @@ class DetectionTask(Task):
     curve_scores = {"box_AP": "box AP", "mask_AP": "mask AP"}
     score_axis = "COCO AP (%)"
     export_formats = ("pt", "safetensors", "torchscript")
+    unavailable_export_formats = {fmt: _NO_TORCH_EXPORT.format(fmt=fmt) for fmt in ("pt2", "onnx")}
     schedule_unit = "iteration"
 
     def check_config(self, cfg) -> None:
@@ -180,9 +191,13 @@ class DetectionTask(Task):
             images = [torch.rand(3, 96, 96 + 24 * i, generator=g) for i in range(2)]
         return [resize(im, {}, det.min_size_test, det.max_size_test)[0] for im in images]
 
+    def preprocessing(self, model: nn.Module, meta: dict, cfg) -> dict:
+        """RGB images scaled to 0..1, given as a list: the detector resizes and normalises inside."""
+        t = model.transform
+        return detector_preprocessing(t.image_mean, t.image_std, t.min_size[-1], t.max_size)  # eval uses min_size[-1]
+
     def to_torchscript(self, model, inputs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_torchscript():
             return torch.jit.script(model)
 
     def run_exported(self, model, inputs):
