@@ -6,8 +6,9 @@ teacher, data subset and epochs, and writes benchmarks/results/hkd_fashion_mnist
 as mean +- std over the seeds, and seconds per training epoch (training only, no evaluation).
 
 Usage: python benchmarks/hkd_fashion_mnist.py [--subset 10000] [--epochs 3] [--teacher-epochs 5]
-                                             [--seeds 0 1 2] [--runs runs/bench_hkd] [--out DIR]
-Finished runs are reused (a second call only rewrites the tables); interrupted ones resume.
+       [--seeds 0 1 2] [--runs runs/bench_hkd] [--out DIR] [key=value overrides for every run]
+Runs are named after their subset, epochs and seed: finished ones are reused (a second call only
+rewrites the tables), interrupted ones resume.
 """
 from __future__ import annotations
 
@@ -80,10 +81,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", default="runs/bench_hkd")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. runtime.precision=fp32")
     args = p.parse_args()
 
-    common = [f"output_dir={args.runs}", f"data.subset={args.subset}"]
-    teacher_cfg = load_config(CONFIGS / "teacher_resnet20.yaml", common + [f"solver.epochs={args.teacher_epochs}"])
+    common = [f"output_dir={args.runs}", f"data.subset={args.subset}", *args.overrides]
+    teacher_cfg = load_config(CONFIGS / "teacher_resnet20.yaml",
+                              common + [f"solver.epochs={args.teacher_epochs}",
+                                        f"name=teacher_n{args.subset}_e{args.teacher_epochs}"])
     if not (teacher_cfg.run_dir / "best.pt").is_file():
         Run(teacher_cfg, resume=(teacher_cfg.run_dir / "last.pt").is_file(), progress=False).fit()
     teacher = teacher_cfg.run_dir / "best.pt"
@@ -91,7 +95,8 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         for method, stem in METHODS.items():
-            overrides = common + [f"solver.epochs={args.epochs}", f"seed={seed}", f"name=bench_{stem}_s{seed}",
+            overrides = common + [f"solver.epochs={args.epochs}", f"seed={seed}",
+                                  f"name={stem}_n{args.subset}_e{args.epochs}_s{seed}",
                                   f"teacher.checkpoint={teacher}"]
             result = train(CONFIGS / "resnet20_resnet8" / f"{stem}.yaml", overrides)
             seconds = [r["seconds"] for r in result.history]
@@ -106,8 +111,9 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(runs)
     rows = summarise(runs, args.seeds)
-    header = (f"resnet20 teacher ({args.teacher_epochs} epochs) -> resnet8 student, Fashion-MNIST {args.subset} train / "
-              f"{args.subset} test images, {args.epochs} epochs, seeds {', '.join(map(str, args.seeds))}")
+    header = (f"resnet20 teacher ({args.teacher_epochs} epochs) -> resnet8 student, Fashion-MNIST "
+              f"{args.subset} train / {args.subset} test images, {args.epochs} epochs, "
+              f"seeds {', '.join(map(str, args.seeds))}")
     table = format_table(rows, ["method", "top1", "best_top1", "s_per_epoch"])
     print(header + "\n" + table)
     (out / f"{STEM}.md").write_text(f"{header}\n\n```\n{table}\n```\n")

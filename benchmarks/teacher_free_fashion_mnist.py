@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -22,22 +23,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from reviewkd.catalogue import find_recipe  # noqa: E402
 from reviewkd.config import load_config  # noqa: E402
 from reviewkd.engine.loop import Run  # noqa: E402
 from reviewkd.engine.runtime import cpu_supports_bf16  # noqa: E402
 from reviewkd.models.summary import format_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "src" / "reviewkd" / "configs" / "fashion_mnist" / "resnet20_resnet8"
 METHODS = ["vanilla", "label_smoothing", "confidence_penalty", "pskd", "introspective"]
 NAME = "teacher_free_fashion_mnist"
 
 
 def train(method: str, seed: int, args) -> dict:
     name = f"tf_{method}_n{args.subset}_e{args.epochs}_s{seed}"
-    cfg = load_config(RECIPES / f"{method}.yaml", [f"output_dir={args.runs}", f"data.subset={args.subset}",
-                                                   f"solver.epochs={args.epochs}", f"seed={seed}", f"name={name}",
-                                                   *args.overrides])
+    overrides = [f"output_dir={args.runs}", f"data.subset={args.subset}", f"solver.epochs={args.epochs}",
+                 f"seed={seed}", f"name={name}", *args.overrides]
+    cfg = load_config(find_recipe(f"fashion_mnist/resnet20_resnet8/{method}"), overrides)
     result = Run(cfg, resume=(cfg.run_dir / "last.pt").is_file(), progress=False).fit()
     return {"method": method, "seed": seed, "top1": result.metrics["test_top1"], "best_top1": result.best_score,
             "epoch_s": sum(r["seconds"] for r in result.history) / args.epochs}
@@ -59,7 +60,7 @@ def summarise(runs: list[dict], methods: list[str]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    fig, (acc, cost) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (acc, cost) = plt.subplots(1, 2, figsize=(10, 4.2))
     names = [r["method"] for r in rows]
     acc.bar(names, [r["top1"] for r in rows], yerr=[r["top1_std"] for r in rows], capsize=4, color="tab:blue")
     low = min(r["top1"] - r["top1_std"] for r in rows)
@@ -69,7 +70,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     cost.set_ylabel("training seconds per epoch")
     for ax in (acc, cost):
         ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -108,8 +109,8 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=["method", "seed", "top1", "best_top1", "epoch_s"])
         writer.writeheader()
         writer.writerows(runs)
-    (out / f"{NAME}.md").write_text(f"{header}\n\nMean ± sample standard deviation over the seeds:\n\n```\n{table}\n```\n\n"
-                                    f"Each run:\n\n```\n{per_run}\n```\n")
+    (out / f"{NAME}.md").write_text(f"{header}\n\nMean ± sample standard deviation over the seeds:\n\n"
+                                    f"```\n{table}\n```\n\nEach run:\n\n```\n{per_run}\n```\n")
     plot(rows, out / f"{NAME}.png", header)
     print(f"wrote {out / NAME}.md, .csv, .png")
 

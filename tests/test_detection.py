@@ -97,7 +97,7 @@ def test_review_on_fpn_levels_of_r18_student_and_r50_teacher():
 # --------------------------------------------------------------------------- one distilled step
 def _step_and_check(distiller, images, targets, head_modules):
     distiller.train()
-    losses = distiller(images, targets)
+    losses = distiller(images, targets, epoch=0.0)
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
     s = distiller.student
@@ -394,3 +394,20 @@ def test_torchrun_detection_run_writes_once_and_resumes(tmp_path, shapes):
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and rows[-1].startswith("6,")
     assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "last.pt"]
+
+
+def test_detection_distiller_needs_the_epoch_for_a_warm_up_and_removes_every_hook(shapes):
+    torch.manual_seed(0)
+    (images, targets), num_classes = _batch(shapes, masks=False)
+    student = create_detector("fasterrcnn_mobilenet_v2_fpn", num_classes, min_size=112, max_size=160)
+    teacher = create_detector("fasterrcnn_resnet18_fpn", num_classes, frozen_bn=True, min_size=112, max_size=160)
+    def hooks():  # the detector's own hooks (fp32 heads under autocast) stay; the distiller's go
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in student.modules())
+
+    d = DetectionDistiller(student, teacher, "reviewkd", warmup_epochs=2).train()
+    with pytest.raises(TypeError, match="pass the epoch"):
+        d(images, targets)
+    own = hooks()
+    with DetectionDistiller(student, teacher, "kd") as d:  # reads the box head's logits through a hook
+        assert hooks() > own
+    assert hooks() == own  # the ROI-head tap is gone too

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 from torch import nn
+from torchvision import models as tv_models
 from torchvision.models import regnet as tv_regnet
 
 import reviewkd as rk
@@ -112,6 +113,10 @@ def test_user_builder_from_the_working_folder(user_package):
     assert not hasattr(model, "feature_spec")  # unknown architecture: no guess
     # a builder that returns a torchvision model gets that family's stages
     assert create_model("kdnets_ok:resnet", 5).feature_spec.stages[0].post == Tap("layer1")
+    # in the Python API, a model without stages is named with the ways to give them
+    with pytest.raises(ValueError, match=r"^kdnets_ok:tiny does not declare its stages: pass a FeatureSpec .*"
+                                         r"model.features / teacher.features"):
+        rk.Distiller(model, create_model("resnet8", 5), "reviewkd")
     with pytest.raises(ExternalModelError, match=r"module 'kdnets_ok' has no 'tiyn'\. Did you mean tiny\?"):
         create_model("kdnets_ok:tiyn", 5)
     with pytest.raises(ExternalModelError, match=r"no_classes\(\) must accept num_classes="):
@@ -341,6 +346,14 @@ def test_vgg_stages_are_the_relus_before_the_pools():
     assert [s.bn for s in model.feature_spec.stages] == [f"features.{i}" for i in (5, 12, 19, 26)]
     assert model.feature_spec.pooled == Tap("classifier.4")
     assert [s.bn for s in _on_meta("torchvision/vgg11").feature_spec.stages] == [None] * 4
+
+
+def test_a_model_built_in_python_gets_its_spec():
+    model = tv_models.mobilenet_v3_small(num_classes=3)
+    assert not hasattr(model, "feature_spec")
+    prepare_stages(model, "student", kind="post", input_size=(3, 32, 32))
+    assert model.feature_spec == find_feature_spec(model) == rk.find_feature_spec(model)
+    assert model.feature_spec.stages[0].post == Tap("features.1")
 
 
 def test_unknown_architecture_is_not_guessed():

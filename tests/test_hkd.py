@@ -85,8 +85,9 @@ def hand_hkd_terms(params, f_s, f_t, logits_s, logits_t, mem_s, mem_t, idx, nega
     l2 = [hand_nce(z_t[i], mem_s[idx[i]], [mem_t[n] for n in negatives[i]], tau) for i in range(b)]
     student_side, teacher_side = torch.stack(l1).mean(), torch.stack(l2).mean()
     if b >= knn:
-        g_s = hand_graph(params["gnn_s.lin.weight"], params["gnn_s.lin.bias"], z_s, hand_neighbours(logits_s.tolist(), knn))
-        g_t = hand_graph(params["gnn_t.lin.weight"], params["gnn_t.lin.bias"], z_t, hand_neighbours(logits_t.tolist(), knn))
+        nbrs_s, nbrs_t = hand_neighbours(logits_s.tolist(), knn), hand_neighbours(logits_t.tolist(), knn)
+        g_s = hand_graph(params["gnn_s.lin.weight"], params["gnn_s.lin.bias"], z_s, nbrs_s)
+        g_t = hand_graph(params["gnn_t.lin.weight"], params["gnn_t.lin.bias"], z_t, nbrs_t)
         l3 = [hand_nce(g_s[i], unit(smoothing * mem_t[idx[i]] + (1 - smoothing) * g_t[i]).detach(),
                        [mem_s[n] for n in negatives[i]], tau) for i in range(b)]
         l4 = [hand_nce(g_t[i], unit(smoothing * mem_s[idx[i]] + (1 - smoothing) * g_s[i]).detach(),
@@ -141,7 +142,7 @@ def _step(b, idx, seed, requires_grad=False):
 
 
 def test_defaults_are_the_released_recipe_and_banks_are_buffers():
-    hkd = _hkd(_labels(), )
+    hkd = _hkd(_labels())
     defaults = (hkd.weight, hkd.feat_dim, hkd.nce_k, hkd.tau, hkd.knn, hkd.memory_momentum, hkd.smoothing,
                 hkd.kd_weight, hkd.temperature, hkd.ce_weight)
     assert defaults == (3.0, 128, 16384, 0.07, 8, 0.9, 0.75, 0.0, 4.0, 1.0)
@@ -153,8 +154,8 @@ def test_defaults_are_the_released_recipe_and_banks_are_buffers():
     bound = 1 / math.sqrt(128 / 3)
     assert state["memory_s"].abs().max() <= bound and state["memory_t"].abs().max() <= bound
     assert not torch.allclose(state["memory_s"].norm(dim=1), torch.ones(30))  # unnormalised at the start
-    assert {n for n, _ in hkd.named_parameters()} == {f"{m}.{p}" for m in ("embed_s", "embed_t", "gnn_s.lin", "gnn_t.lin")
-                                                      for p in ("weight", "bias")}
+    layers = ("embed_s", "embed_t", "gnn_s.lin", "gnn_t.lin")
+    assert {n for n, _ in hkd.named_parameters()} == {f"{m}.{p}" for m in layers for p in ("weight", "bias")}
 
 
 @pytest.mark.parametrize("options, message", [
@@ -506,6 +507,7 @@ def _torchrun_worker(out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two fresh Python processes under torchrun: tens of seconds
 def test_banks_stay_identical_on_every_rank_under_torchrun(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
@@ -534,7 +536,8 @@ def test_a_cli_run_stopped_after_an_epoch_resumes_exactly(tmp_path):
                "solver: {lr: 0.05, epochs: 2, schedule: cosine}\n")
     (tmp_path / "whole.yaml").write_text(student + "name: whole\n")
     (tmp_path / "split.yaml").write_text(student + "name: split\n")
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         assert main(["train", str(tmp_path / "whole.yaml"), "--no-progress"]) == 0
         assert main(["train", str(tmp_path / "split.yaml"), "--stop-after", "1", "--no-progress"]) == 0
@@ -545,8 +548,8 @@ def test_a_cli_run_stopped_after_an_epoch_resumes_exactly(tmp_path):
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
     a, b = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
-    initial_rows = (a["method"]["memory_s"].norm(dim=1) - 1).abs() > 1e-5
-    assert not initial_rows.any()  # every sample was visited: every row is unit-norm now
+    unvisited = (a["method"]["memory_s"].norm(dim=1) - 1).abs() > 1e-5
+    assert not unvisited.any()  # every sample was visited: every row is unit-norm now
     for part in ("student", "method"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"

@@ -4,21 +4,20 @@ whose gradients are known in closed form."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from reviewkd import Distiller
+from reviewkd.batch import Batch
 from reviewkd.cli import main
 from reviewkd.engine.checkpoint import load_checkpoint
 from reviewkd.features import FeatureSpec
 from reviewkd.methods import RunContext, Step, create_method
 from reviewkd.methods.introspective import class_explanation
 
-RECIPES = Path(__file__).resolve().parents[1] / "src" / "reviewkd" / "configs" / "fashion_mnist" / "resnet20_resnet8"
+RECIPES = "fashion_mnist/resnet20_resnet8"  # shipped recipes, trained by name
 TINY = ["data.subset=256", "data.batch_size=64", "data.eval_batch_size=256", "runtime.device=cpu",
         "runtime.precision=fp32", "runtime.deterministic=true", "--no-progress"]
 K = 5  # classes of the tiny models
@@ -183,10 +182,17 @@ def test_the_target_is_a_constant_and_the_gradients_are_ce_plus_kl_to_it():
     assert x.grad is None
 
 
+def test_weight_zero_is_plain_cross_entropy_without_explanation_passes():
+    model, x, y = linear_model(), torch.randn(4, 2, 3, 3), torch.tensor([0, 1, 2, 3])
+    step = step_of(model, x, y)
+    passes = []
+    step.inputs["image"].register_hook(lambda g: passes.append(1))
+    assert introspective(model, x, weight=0.0)(step)["introspective"].item() == 0.0 and not passes
+
+
 def test_the_inputs_keep_no_gradient_after_the_training_backward():
     model, x = linear_model(), torch.randn(4, 2, 3, 3)
     d = Distiller(model, None, "introspective", input_size=(2, 3, 3))
-    from reviewkd.batch import Batch
     batch = Batch({"image": x}, torch.tensor([0, 1, 2, 3]), None)
     out = d.train_step(batch, d.stages()[0], 0.0)
     sum(out.losses["main"].values()).backward()
@@ -291,7 +297,7 @@ def train(argv: list) -> int:
 @pytest.mark.parametrize("method", ["introspective", "label_smoothing", "confidence_penalty", "pskd"])
 def test_each_recipe_trains_from_the_command_line_without_a_teacher(method, tmp_path):
     extra = ["method.options.top_k=2"] if method == "introspective" else []
-    assert train([RECIPES / f"{method}.yaml", f"output_dir={tmp_path}", "name=run", "solver.epochs=1", *TINY,
+    assert train([f"{RECIPES}/{method}", f"output_dir={tmp_path}", "name=run", "solver.epochs=1", *TINY,
                   *extra]) == 0
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["method_name"] == method and ckpt["teacher_metrics"] is None and ckpt["epoch"] == 1
@@ -299,7 +305,7 @@ def test_each_recipe_trains_from_the_command_line_without_a_teacher(method, tmp_
 
 def test_pskd_resumes_exactly(tmp_path):
     """--stop-after 1 then --resume ends with the same student and stored predictions as one run."""
-    args = [RECIPES / "pskd.yaml", f"output_dir={tmp_path}", "solver.epochs=2", *TINY]
+    args = [f"{RECIPES}/pskd", f"output_dir={tmp_path}", "solver.epochs=2", *TINY]
     assert train([*args, "name=whole"]) == 0
     assert train([*args, "name=split", "--stop-after", "1"]) == 0
     assert train([*args, "name=split", "--resume"]) == 0

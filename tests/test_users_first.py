@@ -186,3 +186,13 @@ def test_the_shipped_zoo_table_matches_a_fresh_measurement():
         assert (row["parameters"], row["stages"], list(row["channels"])) == \
                (want["parameters"], want["stages"], want["channels"]), row["name"]
         assert row["MFLOPs"] == pytest.approx(want["MFLOPs"], rel=1e-9), row["name"]
+
+
+def test_sync_batchnorm_keeps_the_activation_timm_folds_into_its_batchnorm():
+    timm = pytest.importorskip("timm")
+    from reviewkd.engine.loop import _convert_sync_batchnorm
+
+    model = _convert_sync_batchnorm(timm.create_model("efficientnet_b0", pretrained=False, num_classes=3))
+    assert isinstance(model.bn1, torch.nn.SyncBatchNorm) and isinstance(model.bn1.act, torch.nn.SiLU)
+    plain = _convert_sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
+    assert isinstance(plain[1], torch.nn.SyncBatchNorm)

@@ -38,6 +38,8 @@ META_EXTRA_FILE = "reviewkd.json"  # the same, as an extra file of .pt2 / TorchS
 SUFFIXES = {"pt": ".pt", "safetensors": ".safetensors", "torchscript": ".torchscript.pt", "pt2": ".pt2",
             "onnx": ".onnx"}
 INPUT_NAME, OUTPUT_NAME = "images", "outputs"
+
+
 def student_from_checkpoint(path: str | Path, overrides=(), export: bool = True) -> tuple[nn.Module, dict, object]:
     """(trained student in eval mode on the CPU, checkpoint, its config with ``overrides`` applied);
     ``export=False`` builds it as training evaluates it (e.g. a detector's float32-box hooks)."""
@@ -89,10 +91,11 @@ def deployment_metadata(task, model: nn.Module, ckpt: dict, cfg, source: str | P
 def flat_metadata(meta: dict, extra: Optional[dict] = None) -> dict[str, str]:
     """String pairs for ONNX ``metadata_props`` / safetensors: the full document under ``reviewkd``
     and its main entries on their own for tools that list them."""
-    pre = meta["preprocessing"]
+    pre = meta["preprocessing"] or {}
     shown = {"task": meta["task"], "model_name": meta["model_name"], "num_classes": meta["num_classes"],
-             "class_names": meta["class_names"], "input_size": meta["input_size"], "mean": pre["mean"],
-             "std": pre["std"], "preprocessing": pre, "reviewkd_version": meta["reviewkd_version"], **(extra or {})}
+             "class_names": meta["class_names"], "input_size": meta["input_size"], "mean": pre.get("mean"),
+             "std": pre.get("std"), "preprocessing": meta["preprocessing"], "reviewkd_version": meta["reviewkd_version"],
+             **(extra or {})}
     flat = {k: v if isinstance(v, str) else json.dumps(v) for k, v in shown.items()}
     return {**flat, META_KEY: json.dumps({**meta, **(extra or {})})}
 
@@ -187,6 +190,9 @@ class _Job:
     inputs: Any
     _program: Optional[Program] = None
 
+    def path(self, fmt: str) -> Path:
+        return self.stem.parent / (self.stem.name + SUFFIXES[fmt])  # not with_suffix: names may hold dots
+
     def program(self) -> Program:
         if self._program is None:
             self._program = export_program(self.model, self.inputs, self.task, self.ckpt["model_name"])
@@ -194,7 +200,7 @@ class _Job:
 
 
 def _write_pt(job: _Job) -> tuple[Path, dict]:
-    path = job.stem.with_suffix(SUFFIXES["pt"])
+    path = job.path("pt")
     torch.save({**job.meta, "model": job.model.state_dict()}, path)
     return path, {}
 
@@ -202,21 +208,21 @@ def _write_pt(job: _Job) -> tuple[Path, dict]:
 def _write_safetensors(job: _Job) -> tuple[Path, dict]:
     from safetensors.torch import save_file
 
-    path = job.stem.with_suffix(SUFFIXES["safetensors"])
+    path = job.path("safetensors")
     save_file({k: v.contiguous() for k, v in job.model.state_dict().items()}, str(path),
               metadata=flat_metadata(job.meta))
     return path, {}
 
 
 def _write_torchscript(job: _Job) -> tuple[Path, dict]:
-    path = job.stem.with_suffix(SUFFIXES["torchscript"])
+    path = job.path("torchscript")
     with quiet_torchscript():
         job.task.to_torchscript(job.model, job.inputs).save(str(path), _extra_files={META_EXTRA_FILE: json.dumps(job.meta)})
     return path, {}
 
 
 def _write_pt2(job: _Job) -> tuple[Path, dict]:
-    path = job.stem.with_suffix(SUFFIXES["pt2"])
+    path = job.path("pt2")
     program = job.program()
     extra = {"dynamic_axes": program.dynamic}
     torch.export.save(program.program, str(path), extra_files={META_EXTRA_FILE: json.dumps({**job.meta, **extra})})
@@ -224,7 +230,7 @@ def _write_pt2(job: _Job) -> tuple[Path, dict]:
 
 
 def _write_onnx(job: _Job) -> tuple[Path, dict]:
-    path = job.stem.with_suffix(SUFFIXES["onnx"])
+    path = job.path("onnx")
     program = job.program()
     onnx_program = torch.onnx.export(program.program, (job.inputs,), dynamo=True, input_names=[INPUT_NAME],
                                      output_names=[OUTPUT_NAME], verbose=False)

@@ -40,9 +40,10 @@ GREY_DATASETS = ("fashion_mnist",)
 COLORS = ("L", "RGB")
 
 
-def eval_preprocessing(cfg) -> dict:
+def eval_preprocessing(cfg) -> Optional[dict]:
     """The spec of the images a classification or regression run evaluated on, from its config
-    (the same choices ``build_datasets`` / ``build_regression_data`` make)."""
+    (the same choices ``build_datasets`` / ``build_regression_data`` make); None for data whose
+    preprocessing is not known here (nothing is guessed)."""
     from . import _train_augment  # the in-memory datasets' augmentation, whose evaluation half we record
 
     d = cfg.data
@@ -58,7 +59,7 @@ def eval_preprocessing(cfg) -> dict:
         channels = cfg.regression.channels
         return _spec("L" if channels == 1 else "RGB", {"size": [d.image_size, d.image_size]}, None, None, channels,
                      PIXEL_MEAN, PIXEL_STD)
-    raise ValueError(f"no image preprocessing is known for data.name={d.name!r}")
+    return None
 
 
 def detector_preprocessing(mean: Sequence[float], std: Sequence[float], min_size: int, max_size: int) -> dict:
@@ -122,7 +123,10 @@ def find_images(paths: Sequence[Union[str, os.PathLike]]) -> list[Path]:
 class ImagePreprocessor:
     """Applies a spec (see the module doc) to decoded images or image files."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: Optional[dict]):
+        if spec is None:
+            raise ValueError("this model's metadata records no image preprocessing (its data are not images "
+                             "reviewkd knows how to prepare): call the model on prepared tensors")
         missing = [k for k in ("color", "resize", "center_crop", "pad_to", "channels", "mean", "std", "batch")
                    if k not in spec]
         if missing or spec["color"] not in COLORS:

@@ -150,4 +150,11 @@ class DetectionDistiller(Distiller):
         if not self.training:
             raise RuntimeError("DetectionDistiller computes training losses: call .train() (evaluate distiller.student)")
         images, targets = args[0], args[1] if len(args) > 1 else kwargs.pop("targets")
-        return self.losses(Batch({"images": list(images)}, list(targets)), float(kwargs.get("epoch", 0.0)))[1]
+        epoch = self._direct_epoch(kwargs.pop("epoch", None))
+        if kwargs:
+            raise TypeError(f"DetectionDistiller got unknown keyword argument(s) {sorted(kwargs)}; it takes targets "
+                            "and epoch")
+        return self.losses(Batch({"images": list(images)}, list(targets)), epoch)[1]
+
+    def _hooks(self) -> list:
+        return super()._hooks() + ([self._roi_tap] if self._roi_tap is not None else [])

@@ -310,7 +310,7 @@ class Run:
         if cfg.runtime.sync_bn and self.dist.enabled:  # BatchNorm statistics over the global batch
             if self.device.type != "cuda":
                 raise ConfigError("runtime.sync_bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel)")
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            student = _convert_sync_batchnorm(student)
         self.recipe = task.build_recipe(cfg, student, self.teacher, self.data.input_size, self.data.context).to(self.device)
         if cfg.runtime.channels_last and task.name != "detection":
             self.recipe.to(memory_format=torch.channels_last)
@@ -665,6 +665,17 @@ def step_groups(groups: list[GroupOptimiser], losses: dict[str, dict[str, torch.
     scaler.update()
     for o in groups:
         o.scheduler.step()
+
+
+def _convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """SyncBatchNorm in place of BatchNorm. timm's BatchNormAct2d carries its activation, which
+    PyTorch's converter would drop: timm's own converter keeps it."""
+    if type(model).__module__.startswith("timm.") or any(type(m).__module__.startswith("timm.layers")
+                                                          for m in model.modules()):
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _units(iteration: int, unit: int):

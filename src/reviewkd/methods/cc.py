@@ -86,7 +86,9 @@ def cc_loss(z_s: torch.Tensor, z_t: torch.Tensor, gamma: float = DEFAULT_GAMMA, 
 @register_method
 class CC(OptionalKD, DistillMethod):
     """Correlation congruence on embeddings of the pooled features: the CIFAR-100 benchmark's
-    consecutive-pair form by default, the paper's RBF-kernel form with ``form="kernel"``."""
+    consecutive-pair form by default, the paper's RBF-kernel form with ``form="kernel"``.
+    ``weight`` None: 0.02 (benchmark) or 100 (kernel); ``gamma`` / ``order`` (kernel form only)
+    None: 0.4 / 2."""
 
     name = "cc"
     paper = "Peng et al., ICCV 2019: Correlation Congruence for Knowledge Distillation"

@@ -3,24 +3,27 @@ Self-explanation" -- a **reconstruction**: the paper's method section was not av
 was released. What the abstract states: no teacher and no peers; the model's own explanations,
 computed online, are distilled back into it, supplying the two things the authors found that make KD
 work (responses in the non-ground-truth classes, and class similarity). The construction below is
-the hypothesis of ``shared/reference/related_methods.md`` section 5.3; every choice it leaves open
-is an option, and its default is stated here.
+a hypothesis consistent with that abstract, to be corrected if the paper's text becomes available;
+every choice the abstract leaves open is an option, and its default is stated here.
 
 At each training step, with the current weights and the training forward pass itself:
 
 1. **Explanations.** For each sample, the explanation ``E_c`` of class ``c`` is one of
    (``explanation``):
 
-   * ``"input_gradient"`` (default): ``dz_c / dx``, signed, over all channels and pixels;
+   * ``"input_gradient"`` (default): ``dz_c / dx`` over all channels and pixels, signed (not its
+     absolute value: two classes that push the same pixels in opposite directions are dissimilar);
    * ``"gradient_input"``: ``x * dz_c / dx`` (element-wise);
    * ``"gradcam"``: Grad-CAM on the last stage's output ``A`` (the deepest stage feature map before
      pooling): ``relu(sum_k a_k A_k)`` with ``a_k`` the spatial mean of ``dz_c / dA_k``.
 
    One backward pass of the summed class logits per explained class gives every sample's map at
    once (``autograd.grad`` w.r.t. the inputs or ``A`` only: no parameter receives a gradient, and
-   nothing is stored in ``.grad``). They reuse the training forward pass, so BatchNorm layers are in
+   nothing is stored in ``.grad``; the Distiller also keeps the training backward from storing one on
+   the inputs). They reuse the training forward pass, so BatchNorm layers are in
    training mode: each one subtracts, per channel, the batch mean of the backward signal, as for any
    input-gradient computed in training mode (a per-sample Jacobian would cost one pass per sample).
+   With several processes each one explains its own share of the batch.
 2. **Similarities.** ``s_c = sim(E_y, E_c)`` for the other classes, ``sim`` = ``"cosine"`` (default)
    or ``"pearson"`` (cosine of the mean-centred maps), both in [-1, 1]; the ground-truth class gets
    ``s_y = 1``, the similarity's maximum, so it always keeps the largest mass. With ``top_k = k`` only
@@ -119,7 +122,8 @@ class Introspective(DistillMethod):
     ):
         super().__init__()
         if explanation not in EXPLANATIONS:
-            raise ValueError(f"introspective: explanation must be one of {', '.join(EXPLANATIONS)}, got {explanation!r}")
+            raise ValueError(f"introspective: explanation must be one of {', '.join(EXPLANATIONS)}, "
+                             f"got {explanation!r}")
         if similarity not in SIMILARITIES:
             raise ValueError(f"introspective: similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
         if not (temperature > 0 and student_temperature > 0):
@@ -160,11 +164,15 @@ class Introspective(DistillMethod):
             others = explained_classes(logits, targets, self.top_k)
             reference = class_explanation(logits, wrt, targets, self.explanation)
             # one class per sample at a time: memory stays at two maps per sample
-            sims = torch.stack([map_similarity(reference, class_explanation(logits, wrt, others[:, j], self.explanation),
-                                               self.similarity) for j in range(others.shape[1])], dim=1)
-            return similarity_target(sims, others, targets, logits.shape[1], self.temperature)
+            sims = []
+            for j in range(others.shape[1]):
+                maps = class_explanation(logits, wrt, others[:, j], self.explanation)
+                sims.append(map_similarity(reference, maps, self.similarity))
+            return similarity_target(torch.stack(sims, dim=1), others, targets, logits.shape[1], self.temperature)
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:
+        if self.weight == 0:  # plain cross-entropy: no explanation passes to pay for
+            return {"introspective": step.student_logits.new_zeros((), dtype=torch.float32)}
         q = self.target(step)
         t = self.student_temperature
         with float32(q):

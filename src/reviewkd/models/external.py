@@ -79,8 +79,8 @@ def _torchvision_model(builder: str, num_classes: int, **kwargs) -> nn.Module:
 
     known = torchvision_builders()
     if builder not in known:
-        raise ExternalModelError(f"torchvision has no classification model {builder!r}.{_did_you_mean(builder, known, TORCHVISION_PREFIX)} "
-                                 f"Its models: {', '.join(known)}")
+        hint = _did_you_mean(builder, known, TORCHVISION_PREFIX)
+        raise ExternalModelError(f"torchvision has no classification model {builder!r}.{hint} Its models: {', '.join(known)}")
     if builder in _NO_AUX_LOGITS:
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", True)

@@ -27,7 +27,9 @@ __all__ = ["MobileNetV1", "resnet_feature_spec"]
 
 
 def resnet_feature_spec(model: nn.Module, layers=("layer1", "layer2", "layer3", "layer4"), pooled: str = "avgpool") -> FeatureSpec:
-    """Spec for a torchvision-style ResNet: one stage per ``layerK`` (a Sequential of blocks).
+    """Spec for a torchvision-style ResNet (also ResNeXt, Wide ResNet, or a user's model built
+    from torchvision's blocks): one stage per ``layerK`` (a Sequential of blocks). Public as
+    ``reviewkd.resnet_feature_spec``.
 
     post = the stage output; pre = the input of the last call of the last block's ``relu``
     (the residual sum); bn = the last BatchNorm of that block's residual branch.

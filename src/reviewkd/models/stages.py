@@ -130,7 +130,10 @@ def _features_spec(model: nn.Module, pooled: Tap) -> FeatureSpec:
     stages = []
     for _, i in sorted(last_at.items()):
         child = model.features[i]
-        block, prefix = (child[-1], f"features.{i}.{len(child) - 1}") if isinstance(child, nn.Sequential) else (child, f"features.{i}")
+        if isinstance(child, nn.Sequential):  # a stage of blocks: its last block
+            block, prefix = child[-1], f"features.{i}.{len(child) - 1}"
+        else:
+            block, prefix = child, f"features.{i}"
         stages.append(Stage(post=Tap(f"features.{i}"), pre=Tap(f"features.{i}"), bn=last_batchnorm(block, prefix)))
     return FeatureSpec(tuple(stages), pooled)
 
@@ -161,9 +164,10 @@ def _timm_spec(model: nn.Module) -> FeatureSpec:
     if not deepest:
         raise StageError("its feature_info lists no stage at reduction 4 or more")
     modules = dict(model.named_modules())
-    stages = []
-    for _, name in sorted(deepest.items()):
-        stages.append(_timm_stage(name, modules[name]))
+    missing = [name for name in deepest.values() if name not in modules]
+    if missing:
+        raise StageError(f"its feature_info names modules it does not have: {missing}")
+    stages = [_timm_stage(name, modules[name]) for _, name in sorted(deepest.items())]
     return FeatureSpec(tuple(stages), _timm_pooled(model))
 
 
@@ -225,7 +229,8 @@ def feature_spec_from_config(features: Any) -> FeatureSpec:
     pre = features.get("pre") or post
     bn = features.get("bn") or [None] * len(post)
     if len(pre) != len(post) or len(bn) != len(post):
-        raise StageError(f"features: post has {len(post)} entries but pre has {len(pre)} and bn {len(bn)}: give one per stage")
+        raise StageError(f"features: post has {len(post)} entries but pre has {len(pre)} and bn {len(bn)}: "
+                         "give one per stage")
     stages = tuple(Stage(_tap(a, f"features.post[{i}]"), _tap(b, f"features.pre[{i}]"), c)
                    for i, (a, b, c) in enumerate(zip(post, pre, bn)))
     return FeatureSpec(stages, _tap(features["pooled"], "features.pooled"))
@@ -263,17 +268,17 @@ def check_stages(model: nn.Module, side: str, kind: str, input_size: Sequence[in
     spec = getattr(model, "feature_spec", None)
     if not isinstance(spec, FeatureSpec):
         try:
-            find_feature_spec(model)
-            reason = "it declares no stages"
+            spec = model.feature_spec = find_feature_spec(model)
         except StageError as exc:
             if exc.unsupported:
                 raise StageError(f"{side} {name}: {exc}; {_FEATURE_MAPS}") from None
-            reason = str(exc)
-        raise StageError(f"{side} {name}: {reason}; name them in the config: {suggest_features(model, key, input_size)}")
+            suggestion = suggest_features(model, key, input_size)
+            raise StageError(f"{side} {name}: {exc}; name them in the config: {suggestion}") from None
     try:
         taps = FeatureTaps(model, spec, kind)
     except ValueError as exc:
-        raise StageError(f"{side} {name}: {str(exc).splitlines()[0]}; e.g. {suggest_features(model, key, input_size)}") from None
+        suggestion = suggest_features(model, key, input_size)
+        raise StageError(f"{side} {name}: {str(exc).splitlines()[0]}; e.g. {suggestion}") from None
     was_training = model.training
     model.eval()
     try:
@@ -314,8 +319,8 @@ def _input_size_hint(model: nn.Module) -> str:
     elif isinstance(getattr(model, "image_size", None), int):  # torchvision's vision transformers
         size = model.image_size
     if size is not None:
-        return f"the model takes {size}x{size} inputs only: set data.image_size={size} (an imagefolder dataset)"
-    return "if the model needs another input size, set data.image_size (an imagefolder dataset)"
+        return f"the model takes {size}x{size} inputs only: set data.image_size={size} (imagefolder or regression data)"
+    return "if the model needs another input size, set data.image_size (imagefolder or regression data)"
 
 
 def module_outputs(model: nn.Module, input_size: Sequence[int], depth: int = 2) -> list[tuple[str, nn.Module, tuple]]:

@@ -284,14 +284,18 @@ class Distiller(Recipe):
         if kwargs:
             raise TypeError(f"Distiller got unknown keyword argument(s) {sorted(kwargs)}; it takes targets, epoch, "
                             "pretrain, index (or indices) and inputs")
+        batch = Batch({"image": images, **inputs}, targets, index)
+        return self.losses(batch, self._direct_epoch(epoch, pretrain), pretrain=pretrain)
+
+    def _direct_epoch(self, epoch, pretrain: bool = False) -> float:
+        """The epoch of a direct call; required where the method's weight depends on it."""
         warmup = self.method.warmup_epochs
         if epoch is None and warmup > 0 and not pretrain:
             # Defaulting to epoch 0 would silently train without (ReviewKD) or with 1/warm-up of
             # (DKD) the distillation loss.
             raise TypeError(f"method {self.method.name!r} warms its weight up over {warmup:g} epochs: pass the "
                             "epoch, counted from 0, as distiller(images, targets, epoch=e)")
-        batch = Batch({"image": images, **inputs}, targets, index)
-        return self.losses(batch, float(epoch or 0.0), pretrain=pretrain)
+        return float(epoch or 0.0)
 
     # ---------------------------------------------------------------- recipe
     def stages(self) -> list[Stage]:

@@ -73,11 +73,21 @@ class _FusionClassifier(nn.Module):
         self.peers, self.fusion, self._taps = nn.ModuleList(recipe.peers), recipe.fusion, recipe._peer_taps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fusion(torch.cat([taps(x)[1][-2] for taps in self._taps], dim=1))[0]
+        deepest = [taps(x)[1][-2] for taps in self._taps]  # the entry before the pooled one
+        return self.fusion(torch.cat(deepest, dim=1))[0]
 
 
 class OnlineDistillation(Recipe):
-    """``method``: "ffsd" or "dml" (or an instance); ``method_options`` go to it (``peers``, ...)."""
+    """Networks of one architecture trained together (see the module docstring).
+
+    ``network`` is the one deployed; ``make_network()`` builds each other one (or pass them as
+    ``others``); ``method``: "ffsd" or "dml" (or an instance), ``method_options`` go to it
+    (``peers``, ``temperature``, ...); ``input_size`` is the probe's; ``spec`` names the networks'
+    stages where they declare no ``feature_spec``::
+
+        make = lambda: rk.create_model("resnet32", num_classes=100)
+        recipe = OnlineDistillation(make(), "ffsd", make_network=make)   # a leader and 2 common students
+    """
 
     task = "classification"
 
@@ -101,10 +111,17 @@ class OnlineDistillation(Recipe):
             raise ValueError(f"{self.method.name} with peers={self.method.peers} needs {count} other network(s), "
                              f"got {len(others)}")
         self.input_size = tuple(int(v) for v in input_size)
+        # runtime.sync_bn converts the deployed network: every other network and module follows it
+        sync = any(isinstance(m, nn.SyncBatchNorm) for m in network.modules())
+        if sync:
+            others = [nn.SyncBatchNorm.convert_sync_batchnorm(o) for o in others]
         if self.has_leader:
             self.leader = network
             self.peers = nn.ModuleList(others)
             self._build_ffsd(spec)
+            if sync:
+                for module in (self.fusion, self.trans_fusion, self.decoders, self.leader_decoder):
+                    nn.SyncBatchNorm.convert_sync_batchnorm(module)  # in place: their roots are not BatchNorms
         else:
             self.peers = nn.ModuleList([network, *others])
 
