@@ -195,7 +195,7 @@ def _cmd_models(args) -> int:
 
     rows = zoo_table(list_models(args.family), measured=args.measure)
     print(format_table(rows, list(rows[0].keys())))
-    print(ZOO_CONVENTIONS)
+    print(f"\n{ZOO_CONVENTIONS}")
     return 0
 
 

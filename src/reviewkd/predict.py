@@ -245,11 +245,13 @@ class LoadedStudent:
         return self._preprocessor(images)
 
     def __call__(self, inputs) -> Any:
-        """The model's outputs for a prepared input (a tensor) or for images (preprocessed first)."""
+        """The model's outputs for a prepared input (a tensor, or a list of tensors for detectors)
+        or for images (preprocessed first); the same for every format (a scripted detector's
+        (losses, detections) pair gives its detections)."""
         if not torch.is_tensor(inputs) and not (isinstance(inputs, list) and inputs and torch.is_tensor(inputs[0])):
             inputs = self.preprocess(inputs)
         with torch.inference_mode():
-            return self.model(inputs)
+            return get_task(self.task).run_exported(self.model, inputs)
 
     def predict(self, images: Union[ImageLike, Sequence[ImageLike]], topk: int = 5,
                 batch_size: int = 64) -> list[dict]:

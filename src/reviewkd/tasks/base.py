@@ -165,8 +165,9 @@ class Task:
                  w + 16 if dynamic.get("width") else w)
         return [torch.randn(shape, generator=torch.Generator().manual_seed(1))] if shape != tuple(inputs.shape) else []
 
-    def preprocessing(self, model: nn.Module, meta: dict, cfg) -> dict:
-        """How images become the model's input, as evaluation did it (``data.preprocessing``)."""
+    def preprocessing(self, model: nn.Module, meta: dict, cfg) -> Optional[dict]:
+        """How images become the model's input, as evaluation did it (``data.preprocessing``); None
+        where the data's preprocessing is not known."""
         from ..data.preprocessing import eval_preprocessing
 
         return eval_preprocessing(cfg)
