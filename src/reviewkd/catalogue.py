@@ -35,7 +35,8 @@ def find_recipe(name: str) -> Path:
     names = recipe_names()
     close = get_close_matches(stem, names, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise FileNotFoundError(f"no config file or recipe named {name!r}.{hint} (`reviewkd recipes` lists the recipes)")
+    raise FileNotFoundError(f"config file not found: {name} (nor a recipe of that name).{hint} "
+                            "`reviewkd recipes` lists the recipes")
 
 
 def recipe_summary(name: str) -> dict:
