@@ -215,8 +215,8 @@ def test_base_inheritance_merges_recursively(tmp_path):
     assert (cfg.solver.lr, cfg.solver.epochs, cfg.solver.milestones) == (0.1, 3, [1])
     assert cfg.model.name == "resnet14"
     assert cfg.method.name == "reviewkd"
-    # A method's options are one recipe: the child's options replace the base's as a whole.
-    assert cfg.method.options == {"weight": 5.0}
+    # the same method: the child's options merge over the base's
+    assert cfg.method.options == {"weight": 5.0, "warmup_epochs": 3}
 
     (tmp_path / "loop_a.yaml").write_text("base: loop_b.yaml\n")
     (tmp_path / "loop_b.yaml").write_text("base: loop_a.yaml\n")

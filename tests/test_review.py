@@ -35,7 +35,9 @@ def test_matches_released_implementation(case):
     torch.testing.assert_close(loss, g["expected_hcl"], rtol=1e-5, atol=1e-6)
     loss.backward()
     for feat, expected in zip(student, g["expected_student_feature_grads"], strict=True):
-        torch.testing.assert_close(feat.grad, expected, rtol=1e-4, atol=1e-7)
+        # float32 sums in another order (other CPUs' kernels) move the smallest entries by ~3e-7
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(feat.grad, expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 def _mse(a, b):

@@ -196,3 +196,18 @@ def test_sync_batchnorm_keeps_the_activation_timm_folds_into_its_batchnorm():
     assert isinstance(model.bn1, torch.nn.SyncBatchNorm) and isinstance(model.bn1.act, torch.nn.SiLU)
     plain = _convert_sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
     assert isinstance(plain[1], torch.nn.SyncBatchNorm)
+
+
+def test_a_users_own_images_select_best_pt_on_a_held_out_split_by_default(tmp_path):
+    from reviewkd.config import Config
+
+    own = Config.model_validate({"data": {"name": "imagefolder", "root": str(tmp_path)}})
+    assert own.data.selection_split == 0.1
+    assert Config.model_validate({"data": {"name": "imagefolder", "val_split": 0}}).data.selection_split is None
+    assert Config.model_validate({"data": {"name": "cifar100"}}).data.selection_split is None  # papers' convention
+    assert Config.model_validate({"data": {"name": "cifar100", "val_split": 0.2}}).data.selection_split == 0.2
+    assert load_config("imagenet/resnet34_resnet18_reviewkd").data.selection_split is None  # the released recipe
+    dry = Run(tiny(tmp_path, "r"), progress=False).describe()
+    assert "best.pt selected on the test set, the papers' convention" in dry
+    dry = Run(tiny(tmp_path, "v", "data.val_split=0.25"), progress=False).describe()
+    assert "best.pt selected on 25% of the training set held out" in dry

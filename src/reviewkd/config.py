@@ -30,6 +30,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+DEFAULT_VAL_SPLIT = 0.1  # a user's own images: select on a tenth of the training set, never on the test set
+
+
 class DataConfig(_Section):
     # coco: a COCO-format folder (task: detection); shapes: the rendered-shapes set, generated in root if missing
     # regression: image files with numeric targets (task: regression; see the regression section)
@@ -39,11 +42,20 @@ class DataConfig(_Section):
     eval_batch_size: int = Field(512, gt=0)
     subset: Optional[int] = Field(None, gt=0)  # N train + N test samples (seeded, balanced over classes)
     # hold this fraction of the training set out for model selection (best.pt) and evaluate the test
-    # set once at the end; None: select on the test set, the convention of the papers' recipes
-    val_split: Optional[float] = Field(None, gt=0, lt=1)
+    # set once at the end; 0: select on the test set, the convention of the papers' recipes.
+    # None (default): 0.1 for a user's own images (imagefolder), 0 for the benchmark datasets whose
+    # papers select on the test set (fashion_mnist, cifar10, cifar100); see `selection_split`
+    val_split: Optional[float] = Field(None, ge=0, lt=1)
     augment: bool = True
     workers: int = Field(4, ge=0)  # imagefolder only
     image_size: int = Field(224, gt=0)  # imagefolder and regression
+
+    @property
+    def selection_split(self) -> Optional[float]:
+        """The fraction held out to select best.pt on, None: select on the test set."""
+        if self.val_split is None:
+            return DEFAULT_VAL_SPLIT if self.name == "imagefolder" else None
+        return self.val_split or None
 
 
 class TapConfig(_Section):
@@ -184,6 +196,11 @@ class Config(_Section):
     regression: Optional[RegressionConfig] = None  # task: regression only (defaults when omitted)
     # the command-line overrides this config was loaded with (the teacher plan says which reach the teacher)
     _overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    def __eq__(self, other) -> bool:  # the same settings, however they were given
+        return isinstance(other, Config) and self.model_dump() == other.model_dump()
+
+    __hash__ = None
 
     @model_validator(mode="after")
     def _task_sections(self) -> "Config":

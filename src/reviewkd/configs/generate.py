@@ -111,9 +111,11 @@ def imagenet() -> None:
     base = ROOT / "imagenet"
     write(base / "_base.yaml", """
 # ImageNet recipe of the released ReviewKD code: SGD 0.1 (for batch 256), wd 1e-4, 100 epochs,
-# x0.1 at 30/60/90. Data: an ImageFolder tree data/imagenet/{train,val}/<class>/*.JPEG.
+# x0.1 at 30/60/90. Data: an ImageFolder tree data/imagenet/{train,val}/<class>/*.JPEG. best.pt is
+# selected on the val folder, as the released code does (val_split: 0; user data defaults to 0.1).
 output_dir: runs
-data: {name: imagefolder, root: data/imagenet, batch_size: 256, eval_batch_size: 256, workers: 8, image_size: 224}
+data: {name: imagefolder, root: data/imagenet, batch_size: 256, eval_batch_size: 256, workers: 8, image_size: 224,
+       val_split: 0}
 solver: {optimizer: sgd, lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 1.0e-4, epochs: 100,
          schedule: multistep, milestones: [30, 60, 90], gamma: 0.1}
 """)

@@ -270,6 +270,12 @@ class Run:
         stages = ", ".join(f"{s.name} ({s.epochs} epochs)" if s.epochs else s.name for s in recipe.stages())
         lines += ["", f"# stages: {stages}", f"# teacher: {self.teacher_plan.describe()}",
                   f"# output: {self.run_dir}", f"# device {self.device}, precision {self.precision}"]
+        if cfg.task == "classification":
+            fraction = cfg.data.selection_split
+            lines.append(f"# best.pt selected on {round(100 * fraction)}% of the training set held out (data.val_split; the "
+                         "test set is evaluated once, at the end)" if fraction else
+                         "# best.pt selected on the test set, the papers' convention (data.val_split=0.1 holds a "
+                         "tenth of the training set out instead)")
         if self.teacher_plan.warning:
             lines.append(f"# {self.teacher_plan.warning}")
         return "\n".join(lines)

@@ -104,7 +104,7 @@ class ClassificationTask(Task):
         b = build_datasets(d.name, d.root, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, device=device,
                            seed=cfg.seed, rank=rank, world_size=world_size, subset=d.subset, augment=d.augment,
                            drop_last=True, channels_last=cfg.runtime.channels_last, workers=d.workers,
-                           image_size=d.image_size, val_split=d.val_split)
+                           image_size=d.image_size, val_split=d.selection_split)
         context = RunContext(num_samples=b.num_samples, train_targets=b.train_targets, num_classes=b.num_classes,
                              epochs=cfg.solver.epochs)
         meta = {"num_classes": b.num_classes, "input_size": list(b.input_size),

@@ -80,7 +80,7 @@ class DetectionTask(Task):
                                   "unweighted and every FPN level is used)")
         if cfg.runtime.compile:
             raise ConfigError("runtime.compile is not supported for detection runs")
-        if cfg.data.val_split is not None:
+        if cfg.data.val_split:
             raise ConfigError("data.val_split is not available for detection: select on detection.val_annotations")
         steps = cfg.detection.steps
         if steps != sorted(steps) or any(s >= cfg.detection.max_iter for s in steps):

@@ -55,7 +55,7 @@ class RegressionTask(ClassificationTask):
     score_axis = "error (original unit)"
 
     def check_config(self, cfg) -> None:
-        if cfg.data.val_split is not None:
+        if cfg.data.val_split:
             raise ConfigError("data.val_split is not available for regression yet: its test split is regression.test_fraction")
 
     def num_outputs(self, cfg) -> int:
