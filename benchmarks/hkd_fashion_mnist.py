@@ -12,7 +12,6 @@ rewrites the tables), interrupted ones resume.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from reviewkd.config import load_config
 from reviewkd.engine.loop import Run
 from reviewkd.models.summary import format_table
+from common import machine_line, seeded_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "fashion_mnist"
@@ -74,15 +74,11 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--subset", type=int, default=10000, help="training (and test) images")
-    p.add_argument("--epochs", type=int, default=3)
+    p = seeded_parser(__doc__, "runs/bench_hkd")
     p.add_argument("--teacher-epochs", type=int, default=5)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--runs", default="runs/bench_hkd")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. runtime.precision=fp32")
     args = p.parse_args()
+    machine = machine_line(args.overrides)
+    print(machine)
 
     common = [f"output_dir={args.runs}", f"data.subset={args.subset}", *args.overrides]
     teacher_cfg = load_config(CONFIGS / "teacher_resnet20.yaml",
@@ -113,7 +109,7 @@ def main() -> None:
     rows = summarise(runs, args.seeds)
     header = (f"resnet20 teacher ({args.teacher_epochs} epochs) -> resnet8 student, Fashion-MNIST "
               f"{args.subset} train / {args.subset} test images, {args.epochs} epochs, "
-              f"seeds {', '.join(map(str, args.seeds))}")
+              f"seeds {', '.join(map(str, args.seeds))}; {machine}")
     table = format_table(rows, ["method", "top1", "best_top1", "s_per_epoch"])
     print(header + "\n" + table)
     (out / f"{STEM}.md").write_text(f"{header}\n\n```\n{table}\n```\n")

@@ -11,7 +11,6 @@ Usage: python benchmarks/teacher_free_fashion_mnist.py [--subset 10000] [--epoch
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 import textwrap
@@ -21,15 +20,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 from reviewkd.catalogue import find_recipe  # noqa: E402
 from reviewkd.config import load_config  # noqa: E402
 from reviewkd.engine.loop import Run  # noqa: E402
-from reviewkd.engine.runtime import cpu_supports_bf16  # noqa: E402
 from reviewkd.models.summary import format_table  # noqa: E402
+from common import machine_line, seeded_parser  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["vanilla", "label_smoothing", "confidence_penalty", "pskd", "introspective"]
 NAME = "teacher_free_fashion_mnist"
 
@@ -77,18 +74,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--subset", type=int, default=10000, help="training (and test) images")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = seeded_parser(__doc__, "runs/bench_teacher_free")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--runs", default="runs/bench_teacher_free")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("overrides", nargs="*", help="config overrides applied to every run (key=value)")
     args = p.parse_args()
 
-    machine = (f"CPU threads {torch.get_num_threads()}, AVX-512 BF16 / AMX {'yes' if cpu_supports_bf16() else 'no'}, "
-               f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    machine = machine_line(args.overrides)
     print(machine)
     runs = [train(method, seed, args) for method in args.methods for seed in args.seeds]
     rows = summarise(runs, args.methods)

@@ -11,7 +11,6 @@ from torch import nn
 
 import reviewkd as rk
 from reviewkd import FeatureSpec, Stage, Tap
-from reviewkd.batch import Batch
 from reviewkd.config import load_config
 from reviewkd.methods import IncompatiblePairError, Step, create_method
 from reviewkd.tasks import get_task

@@ -71,6 +71,14 @@ def resolve_precision(request: str, device: torch.device) -> str:
     return request
 
 
+def describe_machine(precision_request: str = "auto", device_request: str = "auto") -> str:
+    """One line for benchmark outputs: the CPU's capabilities, the device and the precision used."""
+    device = resolve_device(device_request)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none used"
+    return (f"CPU: AVX-512 BF16 / AMX {'yes' if cpu_supports_bf16() else 'no'}, {torch.get_num_threads()} threads; "
+            f"GPU: {gpu}; precision {precision_request} -> {resolve_precision(precision_request, device)}")
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
