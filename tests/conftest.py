@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,3 +37,68 @@ def fashion_batch(fashion_test_set):
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(images), generator=g)[:64]
     return to_model_input(images[idx]), labels[idx]
+
+
+# ------------------------------------------------------------------ tiny runs (run safety, resume)
+TINY = [
+    "data.name=fashion_mnist", "data.subset=256", "data.batch_size=64", "data.eval_batch_size=256",
+    "model.name=resnet8", "solver.lr=0.05", "solver.epochs=3", "solver.schedule=cosine",
+    "runtime.device=cpu", "runtime.precision=fp32", "runtime.deterministic=true",
+]
+
+
+@pytest.fixture(autouse=True)
+def restore_determinism():
+    """Runs with runtime.deterministic=true switch PyTorch's global flag: give it back after each test."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def tiny(out: Path, name: str, *extra: str):
+    from reviewkd.config import load_config
+
+    return load_config(None, [*TINY, f"output_dir={out}", f"name={name}", *extra])
+
+
+def student_overrides(teacher: Path) -> list[str]:
+    return ["method.name=reviewkd", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
+            "method.options.warmup_epochs=1"]
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory) -> Path:
+    """A resnet8 teacher of one tiny epoch, shared by the tests that need a finished teacher."""
+    from reviewkd.engine.loop import Run
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    out = tmp_path_factory.mktemp("teacher")
+    Run(tiny(out, "teacher", "solver.epochs=1"), progress=False).fit()
+    torch.use_deterministic_algorithms(enabled)
+    return out / "teacher" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, teacher) -> Path:
+    """The uninterrupted tiny ReviewKD run, and the order of its checkpoint writes (writes.txt)."""
+    import reviewkd.engine.checkpoint as checkpoint_module
+    import reviewkd.engine.loop as loop_module
+    from reviewkd.engine.loop import Run
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    out = tmp_path_factory.mktemp("reference")
+    writes = []
+    save = checkpoint_module.atomic_save
+
+    def recording(obj, path):
+        writes.append(Path(path).name)
+        save(obj, path)
+
+    loop_module.atomic_save = recording
+    try:
+        Run(tiny(out, "run", *student_overrides(teacher)), progress=False).fit()
+    finally:
+        loop_module.atomic_save = save
+        torch.use_deterministic_algorithms(enabled)
+    (out / "writes.txt").write_text(" ".join(writes))
+    return out / "run"

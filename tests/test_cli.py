@@ -410,6 +410,7 @@ def test_nan_loss_on_a_fresh_run_claims_no_checkpoint(tiny_config, tmp_path, cap
     assert "last good checkpoint is" not in line
 
 
+@pytest.mark.slow
 def test_quick_demo_distils_for_part_of_the_run_from_identical_students(tmp_path, capsys):
     rc, out, err = run_cli(capsys, ["demo", "--quick", "--out", tmp_path / "demo"])
     assert rc == 0, err

@@ -288,6 +288,7 @@ def test_a_non_finite_detection_loss_stops_the_run_without_a_checkpoint(tmp_path
     assert not (tmp_path / "runs" / "nan" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_of_an_iteration_run_matches_an_uninterrupted_one_and_export(tmp_path, shapes, capsys):
     whole = _tiny_config(tmp_path, shapes)
     assert cli(["train", str(whole), "name=whole", "--no-progress"]) == 0
@@ -347,6 +348,7 @@ def test_resume_of_an_iteration_run_matches_an_uninterrupted_one_and_export(tmp_
     assert scripted is not None
 
 
+@pytest.mark.slow
 def test_cli_smoke_demo_reports_vanilla_and_reviewkd_side_by_side(tmp_path, capsys):
     # --quick: 8 images of about 100 px and 6 iterations per run, about 20 s on an idle 2-core CPU
     assert cli(["demo-detection", "--quick", "--out", str(tmp_path / "demo")]) == 0

@@ -56,7 +56,7 @@ def _worker(rank: int, method: str, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m if m == "reviewkd" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_averaged_gradients_equal_the_mean_of_per_shard_gradients(method, tmp_path):
     init_file = tempfile.mktemp(dir=tmp_path)
     mp.spawn(_worker, args=(method, init_file, str(tmp_path)), nprocs=WORLD, join=True)
@@ -89,6 +89,7 @@ def _torchrun(args, cwd, timeout=420):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_torchrun_writes_once_and_resumes(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"""
@@ -116,6 +117,7 @@ runtime: {{precision: fp32}}
     assert second.stdout.count("best top-1") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow
 def test_torchrun_failure_ends_the_job_with_the_message(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("data: {name: fashion_mnist, root: /nonexistent}\nmodel: {name: resnet8}\n")
@@ -161,6 +163,7 @@ def test_crd_memory_banks_stay_identical_across_ranks(tmp_path):
     assert changed[:8].all() and not changed[8:].any()
 
 
+@pytest.mark.slow
 def test_torchrun_trains_the_teacher_first_and_records_what_eval_reports(tmp_path, capsys):
     """Both processes train the missing teacher together, then distil from the same finished one;
     the accuracies the run records (teacher's and student's) are what `reviewkd eval` reports."""

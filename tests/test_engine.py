@@ -52,6 +52,7 @@ def restore_determinism():
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_checkpoint, restore_determinism):
     common = ["method.name=reviewkd", "teacher.name=resnet8", f"teacher.checkpoint={teacher_checkpoint}",
               "method.options.warmup_epochs=1", "runtime.deterministic=true"]

@@ -40,6 +40,7 @@ def cli(capsys, *argv):
     return out
 
 
+@pytest.mark.slow
 def test_a_regression_run_trains_evaluates_resumes_and_exports(tmp_path, ages, capsys):
     cfg = config(tmp_path, ages)
     cli(capsys, "train", cfg, "name=whole", "--no-progress")
@@ -71,6 +72,7 @@ def test_a_regression_run_trains_evaluates_resumes_and_exports(tmp_path, ages, c
     assert saved["target_scaler"] == whole["target_scaler"] and saved["num_classes"] == 1
 
 
+@pytest.mark.slow
 def test_a_regressor_is_distilled_with_a_feature_method_and_logit_methods_are_refused(tmp_path, ages, capsys):
     cfg = config(tmp_path, ages)
     cli(capsys, "train", cfg, "name=teacher", "model.name=resnet14", "solver.epochs=1", "--no-progress")

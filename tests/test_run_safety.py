@@ -17,63 +17,13 @@ import reviewkd.engine.checkpoint as checkpoint_module
 import reviewkd.engine.loop as loop_module
 from reviewkd import Distiller
 from reviewkd.cli import main
-from reviewkd.config import load_config
 from reviewkd.engine.checkpoint import load_checkpoint
 from reviewkd.engine.loop import Run
+from conftest import TINY, student_overrides, tiny  # noqa: F401  (the teacher and reference fixtures live there)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.name=fashion_mnist", "data.subset=256", "data.batch_size=64", "data.eval_batch_size=256",
-    "model.name=resnet8", "solver.lr=0.05", "solver.epochs=3", "solver.schedule=cosine",
-    "runtime.device=cpu", "runtime.precision=fp32", "runtime.deterministic=true",
-]
-
-
 class Killed(BaseException):
     """A hard stop: nothing of ours catches it (as SIGKILL would not let anything run)."""
-
-
-@pytest.fixture(autouse=True)
-def restore_determinism():
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
-def tiny(out: Path, name: str, *extra: str):
-    return load_config(None, [*TINY, f"output_dir={out}", f"name={name}", *extra])
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    Run(tiny(out, "teacher", "solver.epochs=1"), progress=False).fit()
-    return out / "teacher" / "best.pt"
-
-
-def student_overrides(teacher: Path) -> list[str]:
-    return ["method.name=reviewkd", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
-            "method.options.warmup_epochs=1"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, teacher) -> Path:
-    """The uninterrupted run, and the order of its checkpoint writes."""
-    out = tmp_path_factory.mktemp("reference")
-    writes = []
-    save = checkpoint_module.atomic_save
-
-    def recording(obj, path):
-        writes.append(Path(path).name)
-        save(obj, path)
-
-    loop_module.atomic_save = recording
-    try:
-        Run(tiny(out, "run", *student_overrides(teacher)), progress=False).fit()
-    finally:
-        loop_module.atomic_save = save
-    (out / "writes.txt").write_text(" ".join(writes))
-    return out / "run"
 
 
 def assert_same_run(a_dir: Path, b_dir: Path) -> None:
@@ -125,7 +75,9 @@ def _kill_at_write(monkeypatch, write: int, during: bool) -> None:
     monkeypatch.setattr(loop_module, "atomic_save", stopping)
 
 
-@pytest.mark.parametrize("where", ["step 2", "step 7", "write 1", "write 2", "write 3", "during write 4"])
+@pytest.mark.parametrize("where", [pytest.param("step 2", marks=pytest.mark.slow), "step 7",
+                                   pytest.param("write 1", marks=pytest.mark.slow), "write 2",
+                                   pytest.param("write 3", marks=pytest.mark.slow), "during write 4"])
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(where, tmp_path, teacher, reference, monkeypatch):
     writes = (reference.parent / "writes.txt").read_text().split()
     assert writes[:2] == ["best.pt", "last.pt"]  # epoch 1 is always the best so far: best.pt is written first
@@ -183,7 +135,7 @@ def _wait_for(predicate, proc, timeout=120.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("when", ["before the first checkpoint", "after a checkpoint"])
+@pytest.mark.parametrize("when", [pytest.param("before the first checkpoint", marks=pytest.mark.slow), "after a checkpoint"])
 def test_ctrl_c_says_truthfully_what_was_saved(when, tmp_path):
     run_dir = tmp_path / "c"
     args = [*(o for o in TINY if "deterministic" not in o), "data.subset=1024", f"output_dir={tmp_path}", "name=c",
@@ -205,6 +157,7 @@ def test_ctrl_c_says_truthfully_what_was_saved(when, tmp_path):
         assert "nothing was saved" in err
 
 
+@pytest.mark.slow
 def test_a_hard_kill_resumes_with_identical_checkpoints(tmp_path):
     """SIGKILL while the second epoch trains or its checkpoint is written, then --resume: the same
     files as a run that was never stopped (both in subprocesses, as a user runs them)."""

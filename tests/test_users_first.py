@@ -14,8 +14,8 @@ from reviewkd.cli import main
 from reviewkd.config import ConfigError, load_config
 from reviewkd.engine.checkpoint import load_checkpoint
 from reviewkd.engine.loop import Run
-from test_run_safety import Killed, _kill_at_step, assert_same_run, student_overrides, tiny  # noqa: F401
-from test_run_safety import reference, teacher  # noqa: F401  (fixtures)
+from conftest import student_overrides, tiny
+from test_run_safety import Killed, _kill_at_step, assert_same_run
 
 
 def run_cli(capsys, argv):
