@@ -211,3 +211,17 @@ def test_a_users_own_images_select_best_pt_on_a_held_out_split_by_default(tmp_pa
     assert "best.pt selected on the test set, the papers' convention" in dry
     dry = Run(tiny(tmp_path, "v", "data.val_split=0.25"), progress=False).describe()
     assert "best.pt selected on 25% of the training set held out" in dry
+
+
+def test_a_teacher_config_that_names_its_stages_names_them_for_the_student_run_too(tmp_path, teacher):
+    stages = "features: {post: [layer1, layer2], pooled: avgpool}"
+    teacher_cfg = _write(tmp_path / "t.yaml", f"name: t\nmodel: {{name: resnet8, {stages}}}\n")
+    cfg = tiny(tmp_path, "s", "method.name=kd", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
+               f"teacher.config={teacher_cfg}")
+    Run(cfg, progress=False)
+    assert [t if isinstance(t, str) else t.module for t in cfg.teacher.features.post] == ["layer1", "layer2"]
+    # a teacher section that names its own stages keeps them
+    own = tiny(tmp_path, "s2", "method.name=kd", "teacher.name=resnet8", f"teacher.checkpoint={teacher}",
+               f"teacher.config={teacher_cfg}", "teacher.features={post: [layer1, layer2, layer3], pooled: avgpool}")
+    Run(own, progress=False)
+    assert len(own.teacher.features.post) == 3

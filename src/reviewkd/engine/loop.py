@@ -144,6 +144,9 @@ def plan_teacher(cfg: Config) -> TeacherPlan:
     t = cfg.teacher
     if t is None:
         raise ConfigError(f"method {cfg.method.name!r} needs a teacher: add a 'teacher' section (name + checkpoint or config)")
+    if t.features is None and t.config is not None and Path(t.config).is_file():
+        # the stages the teacher's own config names are the teacher's stages here too
+        t.features = load_config(t.config).model.features
     path = Path(t.checkpoint) if t.checkpoint else None
     if path is not None and path.is_file():
         if _run_checkpoint_unfinished(path):
