@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 from reviewkd.config import load_config
@@ -27,3 +28,8 @@ def machine_line(overrides: list[str]) -> str:
     """The CPU's capabilities and the precision the runs use (after the overrides)."""
     runtime = load_config(None, list(overrides)).runtime
     return describe_machine(runtime.precision, runtime.device)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

@@ -13,13 +13,12 @@ rewrites the tables), interrupted ones resume.
 from __future__ import annotations
 
 import csv
-import statistics
 from pathlib import Path
 
 from reviewkd.config import load_config
 from reviewkd.engine.loop import Run
 from reviewkd.models.summary import format_table
-from common import machine_line, seeded_parser  # noqa: E402
+from common import machine_line, mean_std, seeded_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "fashion_mnist"
@@ -31,9 +30,6 @@ def train(file: Path, overrides: list[str]):
     cfg = load_config(file, overrides)
     return Run(cfg, resume=(cfg.run_dir / "last.pt").is_file(), progress=False).fit()
 
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarise(runs: list[dict], seeds: list[int]) -> list[dict]:

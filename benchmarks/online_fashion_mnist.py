@@ -29,7 +29,7 @@ from reviewkd.catalogue import find_recipe  # noqa: E402
 from reviewkd.config import load_config  # noqa: E402
 from reviewkd.engine.loop import Run  # noqa: E402
 from reviewkd.models.summary import format_table  # noqa: E402
-from common import machine_line, seeded_parser  # noqa: E402
+from common import machine_line, mean_std, seeded_parser  # noqa: E402
 
 METHODS = ["vanilla", "dml", "ffsd"]
 DEPLOYED = {"vanilla": "alone", "dml": "DML, first network", "ffsd": "FFSD, leader"}
@@ -50,9 +50,6 @@ def train(method: str, seed: int, args) -> dict:
         row[key] = result.metrics.get(f"{key.removesuffix('_top1')}_test_top1")
     return row
 
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarise(runs: list[dict], methods: list[str]) -> list[dict]:

@@ -12,7 +12,6 @@ Usage: python benchmarks/teacher_free_fashion_mnist.py [--subset 10000] [--epoch
 from __future__ import annotations
 
 import csv
-import statistics
 import textwrap
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from reviewkd.catalogue import find_recipe  # noqa: E402
 from reviewkd.config import load_config  # noqa: E402
 from reviewkd.engine.loop import Run  # noqa: E402
 from reviewkd.models.summary import format_table  # noqa: E402
-from common import machine_line, seeded_parser  # noqa: E402
+from common import machine_line, mean_std, seeded_parser  # noqa: E402
 
 METHODS = ["vanilla", "label_smoothing", "confidence_penalty", "pskd", "introspective"]
 NAME = "teacher_free_fashion_mnist"
@@ -40,9 +39,6 @@ def train(method: str, seed: int, args) -> dict:
     return {"method": method, "seed": seed, "top1": result.metrics["test_top1"], "best_top1": result.best_score,
             "epoch_s": sum(r["seconds"] for r in result.history) / args.epochs}
 
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarise(runs: list[dict], methods: list[str]) -> list[dict]:
