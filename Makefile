@@ -33,6 +33,19 @@ data:
 	  fi; \
 	fi
 
+	@if ! command -v espeak-ng >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing espeak-ng (the av_fashion_mnist set speaks its class names with it) ..."; \
+	    (apt-get install -y -qq espeak-ng >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq espeak-ng >/dev/null)) \
+	    || echo "warning: could not install espeak-ng; the av_fashion_mnist tests will be skipped"; \
+	  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+	    sudo apt-get install -y -qq espeak-ng >/dev/null || echo "warning: could not install espeak-ng"; \
+	  else \
+	    echo "warning: espeak-ng missing; install it (apt-get install espeak-ng) for the av_fashion_mnist set"; \
+	  fi; \
+	fi
+
 demo: setup
 	$(BIN)/reviewkd demo
 

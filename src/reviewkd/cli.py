@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     t.add_argument("--dry-run", action="store_true", help="check everything cheap, print the resolved config, the "
                    "models, the method's feature pairs and the teacher plan, and exit")
+    t.add_argument("--quick", action="store_true", help="cGAN-KD pipelines: the recipe's tiny settings "
+                   "(cgankd.quick) for smoke tests")
 
     e = sub.add_parser("eval", help="evaluate a run checkpoint on its test set")
     e.add_argument("checkpoint", help="best.pt / last.pt of a run")
@@ -94,6 +96,15 @@ def _cmd_train(args) -> int:
     from .engine.loop import Run
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.cgankd is not None:  # a pipeline of runs: every stage skips its finished output and resumes
+        from .cgankd.pipeline import run_pipeline
+
+        if args.stop_after is not None:
+            raise ValueError("--stop-after is for single runs; a cGAN-KD pipeline resumes each stage by itself")
+        run_pipeline(cfg, quick=args.quick, progress=not args.no_progress, dry_run=args.dry_run)
+        return 0
+    if args.quick:
+        raise ValueError("--quick is for cGAN-KD pipelines (configs with a cgankd section)")
     run = Run(cfg, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
     if args.dry_run:
         print(run.describe())

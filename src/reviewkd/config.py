@@ -36,7 +36,9 @@ DEFAULT_VAL_SPLIT = 0.1  # a user's own images: select on a tenth of the trainin
 class DataConfig(_Section):
     # coco: a COCO-format folder (task: detection); shapes: the rendered-shapes set, generated in root if missing
     # regression: image files with numeric targets (task: regression; see the regression section)
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "coco", "shapes", "regression"] = "fashion_mnist"
+    # ucf101 / video_folder / av_fashion_mnist: clips (task: video; see the video section)
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "coco", "shapes", "regression",
+                  "ucf101", "video_folder", "av_fashion_mnist"] = "fashion_mnist"
     root: Optional[str] = None  # None: the dataset's default location
     batch_size: int = Field(128, gt=0)  # global batch (split across processes under torchrun)
     eval_batch_size: int = Field(512, gt=0)
@@ -49,6 +51,28 @@ class DataConfig(_Section):
     augment: bool = True
     workers: int = Field(4, ge=0)  # imagefolder only
     image_size: int = Field(224, gt=0)  # imagefolder and regression
+    # the scarce-label setting: keep this fraction of the training set, from each class alike, drawn from
+    # labelled_seed alone (not the run's seed: every run of a setting sees the same labelled images)
+    labelled_fraction: Optional[float] = Field(None, gt=0, le=1)
+    labelled_seed: int = Field(0, ge=0)
+    # a file of generated images (a cGAN-KD store, .npz) appended to the training set
+    generated: Optional[str] = None
+    # input normalisation (0..1 scale) in place of the dataset's, for every split (e.g. recomputed on real +
+    # generated images); one value, or one per channel
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> "DataConfig":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std go together: give both or neither")
+        if self.std is not None and (len(self.std) != len(self.mean) or not self.std or min(self.std) <= 0):
+            raise ValueError("data.mean and data.std need the same number of values, every std positive")
+        return self
+
+    @property
+    def normalisation(self) -> Optional[tuple[tuple[float, ...], tuple[float, ...]]]:
+        return None if self.mean is None else (tuple(self.mean), tuple(self.std))
 
     @property
     def selection_split(self) -> Optional[float]:
@@ -125,6 +149,7 @@ class RuntimeConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported
     channels_last: bool = True
     compile: bool = False
+    fold_teacher_bn: bool = True  # run the frozen teacher with BatchNorm folded into its convolutions
     deterministic: bool = False
     sync_bn: bool = False
     eval_every: int = Field(1, gt=0)
@@ -181,8 +206,130 @@ class RegressionConfig(_Section):
     synthetic: Optional[dict[str, Any]] = None  # generate disc-radius images in data.root when it is missing
 
 
+class CgankdConfig(_Section):
+    """A cGAN-KD pipeline (``reviewkd train`` runs its stages; see ``reviewkd.cgankd.pipeline``).
+
+    The run's own ``model`` / ``method`` / ``solver`` are the student stage's; ``teacher`` is the
+    filter / relabelling teacher. ``nokd``, ``gan``, ``dre_extractor`` and ``dre`` are partial
+    configs of those training stages, merged over the run's task, data, seed and runtime. ``None``
+    defaults follow ``version`` (final: fine-tune from the NOKD student, per-class cut-off; v1: from
+    scratch, global cut-off; regression: global cut-off always)."""
+
+    version: Literal["final", "v1"] = "final"
+    rho: float = Field(0.9, gt=0, le=1)  # filter: keep fakes whose teacher loss is below the rho-quantile
+    filter_scope: Optional[Literal["per_class", "global"]] = None
+    filter_burn_in: int = Field(1000, gt=0)  # fakes per class (per_class) or in all (global) for the cut-off
+    adjust: bool = True  # relabel the kept fakes with the teacher's prediction
+    filter_on_augmented: Optional[bool] = None  # the teacher scores randomly cropped + flipped fakes (None: final)
+    student_init: Optional[Literal["nokd", "scratch"]] = None
+    pool_per_class: int = Field(5000, gt=0)  # processed fakes per class (regression: per conditioning label)
+    regression_labels: int = Field(100, gt=1)  # regression: conditioning labels, evenly spaced over [0, 1]
+    num_fake: int = Field(100000, ge=0)  # M^g, the fakes the student sees
+    sampler_burn_in: int = Field(5000, gt=0)  # rejection sampling: draws per label that set M
+    sample_batch: int = Field(600, gt=0)
+    recompute_normalisation: Optional[bool] = None  # None: yes for classification, no for regression
+    grid_per_class: int = Field(8, gt=0)  # images per row of the PNG grids
+    nokd: dict[str, Any] = Field(default_factory=dict)
+    gan: dict[str, Any] = Field(default_factory=dict)
+    dre_extractor: dict[str, Any] = Field(default_factory=dict)
+    dre: dict[str, Any] = Field(default_factory=dict)
+    quick: list[str] = Field(default_factory=list)  # overrides applied by `reviewkd train --quick`
+
+
+class CganConfig(_Section):
+    """A conditional GAN (``task: cgan``; see ``reviewkd.cgankd.gan``): class-conditional on
+    classification data, continuous labels (CcGAN) on ``data.name: regression``. One iteration is
+    one discriminator step on one real batch; the generator steps after every ``d_steps`` of them."""
+
+    arch: Literal["biggan32", "small"] = "small"
+    width: Optional[int] = Field(None, gt=0)  # channel unit (None: the arch's: 64 biggan32, 16 small)
+    z_dim: Optional[int] = Field(None, gt=0)  # None: the arch's (128 biggan32, 64 small)
+    d_steps: int = Field(4, gt=0)
+    lr_g: float = Field(2e-4, gt=0)
+    lr_d: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.0, 0.999)
+    diffaug: str = "color,translation,cutout"  # "" switches DiffAugment off
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_start: int = Field(1000, ge=0)  # generator steps before the EMA starts averaging (a copy until then)
+    kappa_arg: float = Field(2.0, gt=0)  # CcGAN: kappa = kappa_arg x the largest gap between distinct labels
+    weight_threshold: float = Field(1e-3, gt=0, lt=1)  # CcGAN: real / fake labels kept where the weight exceeds it
+    eval_samples: int = Field(500, gt=0)  # generated images scored at each evaluation
+
+
+class DreConfig(_Section):
+    """The conditional density-ratio model (``task: dre``; see ``reviewkd.cgankd.dre``) on a frozen
+    generator and a frozen feature extractor (both required)."""
+
+    generator: Optional[str] = None  # best.pt of a task: cgan run
+    extractor: Optional[str] = None  # best.pt of a classification run of dre_extractor_small / _resnet34
+    penalty: float = Field(0.01, ge=0)  # lambda of (E_fake[r] - 1)^2 (v1: 1e-3)
+    widths: list[int] = Field(default_factory=lambda: [2048, 1024, 512, 256, 128])
+    betas: tuple[float, float] = (0.5, 0.999)
+    flip: bool = True  # flip real images (not for labels a flip changes, e.g. angles)
+    eval_samples: int = Field(1000, gt=0)
+    # task: dre_autoencoder (the regression feature extractor): its channel unit and loss weights
+    autoencoder_width: int = Field(32, gt=0)
+    sparsity: float = Field(1e-3, ge=0)
+    regression_weight: float = Field(1.0, ge=0)
+
+
+KINETICS_MEAN, KINETICS_STD = (0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989)
+
+
+class EmbeddedAVConfig(_Section):
+    """The embedded audio-visual set (``data.name: av_fashion_mnist``, generated on first use; see
+    ``reviewkd.data.av_fashion_mnist``): clip counts, the generator's seed, spoken utterances per
+    class, and how many frames a stored clip has beyond ``video.frames`` (room for the temporal
+    crop and for evenly spaced evaluation clips that differ)."""
+
+    train: int = Field(6000, gt=0, le=60000)
+    test: int = Field(2000, gt=0, le=10000)
+    seed: int = Field(0, ge=0)
+    utterances: int = Field(24, gt=0)  # per class and split (train and test voices are drawn apart)
+    extra_frames: int = Field(4, ge=0)
+
+
+class VideoConfig(_Section):
+    """Video classification (``task: video``): clips of ``frames`` frames at ``size`` x ``size``.
+
+    ``modality`` is what the trained network consumes: ``video`` clips (N x 3 x T x H x W; the
+    student), ``audio`` the clip's audio (the audio teacher; trained on the class it hears where the
+    data know it), ``frame`` one frame of the clip (an image teacher; a random frame per batch in
+    training, the middle frame in evaluation). Training: a random temporal crop of ``frames``
+    consecutive frames, a random-resized crop (area ``crop_scale``, aspect ``crop_ratio``) and a
+    horizontal flip; evaluation: ``eval_clips`` evenly spaced clips, centre crop, softmax averaged
+    per video. Frames read from files are first resized to ``load_size`` (H, W)."""
+
+    frames: int = Field(16, gt=0)
+    size: int = Field(112, gt=0)
+    modality: Literal["video", "audio", "frame"] = "video"
+    eval_clips: int = Field(3, gt=0)
+    audio_features: Optional[str] = None  # ucf101 / video_folder: a folder of <video name>.npy vectors
+    audio_dim: int = Field(512, gt=0)  # length of those vectors
+    mismatch: float = Field(0.0, ge=0, le=1)  # av_fashion_mnist: rate of clips carrying another class's audio
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    load_size: tuple[int, int] = (128, 171)
+    mean: list[float] = Field(default_factory=lambda: list(KINETICS_MEAN))
+    std: list[float] = Field(default_factory=lambda: list(KINETICS_STD))
+    splits: Optional[str] = None  # ucf101: the folder of trainlist01.txt / testlist01.txt (default root/ucfTrainTestlist)
+    split: int = Field(1, ge=1, le=3)  # ucf101: which of the three splits
+    embedded: EmbeddedAVConfig = Field(default_factory=EmbeddedAVConfig)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "VideoConfig":
+        (s0, s1), (r0, r1) = self.crop_scale, self.crop_ratio
+        if not (0 < s0 <= s1 <= 1) or not (0 < r0 <= r1):
+            raise ValueError(f"video.crop_scale needs 0 < low <= high <= 1 and video.crop_ratio 0 < low <= high "
+                             f"(got {list(self.crop_scale)}, {list(self.crop_ratio)})")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("video.mean and video.std need three values each (RGB), every std positive")
+        return self
+
+
 class Config(_Section):
-    task: Literal["classification", "detection", "regression"] = "classification"
+    task: Literal["classification", "detection", "regression", "cgan", "dre", "dre_autoencoder", "video"] = "classification"
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
@@ -194,6 +341,10 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     detection: Optional[DetectionConfig] = None  # task: detection only (defaults when omitted)
     regression: Optional[RegressionConfig] = None  # task: regression only (defaults when omitted)
+    video: Optional[VideoConfig] = None  # task: video only (defaults when omitted)
+    cgankd: Optional[CgankdConfig] = None  # a cGAN-KD pipeline: the stages before this student run
+    cgan: Optional[CganConfig] = None  # task: cgan only (defaults when omitted)
+    dre: Optional[DreConfig] = None  # task: dre only
     # the command-line overrides this config was loaded with (the teacher plan says which reach the teacher)
     _overrides: tuple[str, ...] = PrivateAttr(default=())
 
@@ -205,10 +356,30 @@ class Config(_Section):
     @model_validator(mode="after")
     def _task_sections(self) -> "Config":
         detection_data = self.data.name in ("coco", "shapes")
+        video_data = self.data.name in ("ucf101", "video_folder", "av_fashion_mnist")
+        if self.task != "video" and (self.video is not None or video_data):
+            raise ValueError("a 'video' section or data.name ucf101/video_folder/av_fashion_mnist needs task: video")
+        if self.task == "video":
+            if not video_data:
+                raise ValueError(f"task: video reads clips: data.name must be ucf101, video_folder or av_fashion_mnist, "
+                                 f"got {self.data.name}")
+            if self.video is None:
+                self.video = VideoConfig()
+            if self.video.modality != "frame" and "channels_last" not in self.runtime.model_fields_set:
+                self.runtime.channels_last = False  # 5-D clips and 1-D vectors have no channels-last layout
         if self.task != "detection" and (self.detection is not None or detection_data):
             raise ValueError("a 'detection' section or data.name coco/shapes needs task: detection")
-        if self.task != "regression" and (self.regression is not None or self.data.name == "regression"):
+        continuous_ok = ("regression", "cgan", "dre", "dre_autoencoder")  # CcGAN and its DRE read regression data
+        if self.task not in continuous_ok and (self.regression is not None or self.data.name == "regression"):
             raise ValueError("a 'regression' section or data.name regression needs task: regression")
+        if self.task in continuous_ok and self.data.name == "regression" and self.regression is None:
+            self.regression = RegressionConfig()
+        if self.task != "cgan" and self.cgan is not None:
+            raise ValueError("a 'cgan' section needs task: cgan")
+        if self.task not in ("dre", "dre_autoencoder") and self.dre is not None:
+            raise ValueError("a 'dre' section needs task: dre or dre_autoencoder")
+        if self.task == "cgan" and self.cgan is None:
+            self.cgan = CganConfig()
         if self.task == "regression":
             if self.data.name != "regression":
                 raise ValueError(f"task: regression reads data.name: regression, got {self.data.name}")
@@ -263,12 +434,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def _relative_to_file(data: dict, path: Path) -> None:
-    """``teacher.config`` written in a file names a file relative to it (``base`` is read so too)."""
-    teacher = data.get("teacher")
-    if isinstance(teacher, dict) and isinstance(teacher.get("config"), str):
-        target = Path(teacher["config"]).expanduser()
-        if not target.is_absolute():
-            teacher["config"] = str((path.parent / target).resolve())
+    """``teacher.config`` written in a file names a file relative to it (``base`` is read so too), as
+    does a second teacher's (``method.options.image_teacher.config``, CCL's image teacher)."""
+    method = data.get("method")
+    options = method.get("options") if isinstance(method, dict) else None
+    second = options.get("image_teacher") if isinstance(options, dict) else None
+    for teacher in (data.get("teacher"), second):
+        if isinstance(teacher, dict) and isinstance(teacher.get("config"), str):
+            target = Path(teacher["config"]).expanduser()
+            if not target.is_absolute():
+                teacher["config"] = str((path.parent / target).resolve())
 
 
 def _merge(base: dict, update: dict) -> dict:

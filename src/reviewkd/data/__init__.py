@@ -83,6 +83,26 @@ def split_validation(labels: torch.Tensor, fraction: float) -> tuple[torch.Tenso
     return torch.nonzero(mask).flatten(), val
 
 
+# Which training labels the scarce-label setting keeps does not follow the run's seed either: the
+# teacher, the NOKD student and every cGAN-KD stage of one setting see the same labelled images.
+LABELLED_SEED = 2_000_003
+
+
+def labelled_indices(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of the labelled part of a training set (the scarce-label setting): from each
+    class c, ``round(fraction * n_c)`` samples (at least one), the first of a permutation drawn from
+    ``seed`` alone, so the class proportions are kept (on a balanced set: equal counts)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"labelled_fraction must be in (0, 1], got {fraction}")
+    generator = torch.Generator().manual_seed(derive_seed(LABELLED_SEED, seed))
+    order = torch.randperm(len(labels), generator=generator)
+    keep = []
+    for c in torch.unique(labels).tolist():
+        of_class = order[labels[order] == c]
+        keep.append(of_class[:max(1, round(fraction * len(of_class)))])
+    return torch.sort(torch.cat(keep)).values
+
+
 def _load_tensors(name: str, root, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if name == "fashion_mnist":
         return load_fashion_mnist(root, split)
@@ -98,11 +118,28 @@ def _class_names(name: str, root) -> Optional[tuple[str, ...]]:
         return None
 
 
-def _train_augment(name: str, augment: bool, channels_last: bool) -> BatchAugment:
+def _train_augment(name: str, augment: bool, channels_last: bool, normalisation=None) -> BatchAugment:
+    """``normalisation``: (mean, std) in place of the dataset's statistics (e.g. recomputed on real +
+    generated images)."""
     options = dict(crop_padding=4, flip=True, train=augment, channels_last=channels_last)
     if name == "fashion_mnist":  # 28 x 28 grey -> the 32 x 32 RGB input of the CIFAR models
         options.update(pad_to=32, channels=3)
+    if normalisation is not None:
+        return BatchAugment(mean=tuple(normalisation[0]), std=tuple(normalisation[1]), **options)
     return BatchAugment.for_dataset(name, **options)
+
+
+def append_generated(images: torch.Tensor, labels: torch.Tensor, generated, num_classes: Optional[int] = None):
+    """The training tensors with generated ``(uint8 images, labels)`` appended after them (so the
+    real samples keep their indices); a one-line error when they do not fit the real images."""
+    extra_images, extra_labels = generated
+    if extra_images.dtype != torch.uint8 or tuple(extra_images.shape[1:]) != tuple(images.shape[1:]):
+        raise ValueError(f"generated images are {extra_images.dtype} {tuple(extra_images.shape[1:])}, the real "
+                         f"training images uint8 {tuple(images.shape[1:])}: generate them at the data's size")
+    extra_labels = torch.as_tensor(extra_labels).to(labels.dtype)
+    if num_classes is not None and len(extra_labels) and not 0 <= int(extra_labels.min()) <= int(extra_labels.max()) < num_classes:
+        raise ValueError(f"generated labels lie outside 0..{num_classes - 1}")
+    return torch.cat([images, extra_images]), torch.cat([labels, extra_labels])
 
 
 def build_datasets(
@@ -124,6 +161,10 @@ def build_datasets(
     workers: int = 4,
     image_size: int = 224,
     resize_size: Optional[int] = None,
+    labelled_fraction: Optional[float] = None,
+    labelled_seed: int = 0,
+    generated: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    normalisation: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None,
 ) -> DataBundle:
     """Train and test loaders for ``name`` (one of ``DATASETS``).
 
@@ -135,12 +176,19 @@ def build_datasets(
     ``split_validation``); the training loader, ``num_samples`` and ``train_targets`` are the rest.
     ``workers``, ``image_size`` and ``resize_size`` (default ``image_size * 256 / 224``) only
     concern ``imagefolder``; the other datasets live on ``device`` and are augmented there.
+    ``labelled_fraction`` keeps that fraction of the training set (``labelled_indices``, drawn from
+    ``labelled_seed``, before ``subset``); ``generated`` (uint8 images at the data's stored size,
+    labels) is appended to the training set after the validation split; ``normalisation`` (mean,
+    std) replaces the dataset's statistics for every split.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     eval_batch_size = eval_batch_size or batch_size
     distributed = dict(device=device, seed=seed, rank=rank, world_size=world_size)
     if name == "imagefolder":
+        if labelled_fraction is not None or generated is not None or normalisation is not None:
+            raise ValueError("data.labelled_fraction, data.generated and data.mean/std are for the in-memory datasets "
+                             "(fashion_mnist, cifar10, cifar100), not imagefolder")
         return _build_image_folder(
             root, batch_size, eval_batch_size, subset, subset_mode, val_split, augment, drop_last, channels_last,
             workers, image_size, resize_size or round(image_size * 256 / 224), distributed,
@@ -148,6 +196,9 @@ def build_datasets(
 
     train_images, train_labels = _load_tensors(name, root, "train")
     test_images, test_labels = _load_tensors(name, root, "test")
+    if labelled_fraction is not None:
+        keep = labelled_indices(train_labels, labelled_fraction, labelled_seed)
+        train_images, train_labels = train_images[keep], train_labels[keep]
     if subset is not None:
         keep = subset_indices(train_labels, subset, seed, subset_mode)
         train_images, train_labels = train_images[keep], train_labels[keep]
@@ -158,7 +209,9 @@ def build_datasets(
         keep, held = split_validation(train_labels, val_split)
         val_images, val_labels = train_images[held], train_labels[held]
         train_images, train_labels = train_images[keep], train_labels[keep]
-    train_augment = _train_augment(name, augment, channels_last)
+    if generated is not None:
+        train_images, train_labels = append_generated(train_images, train_labels, generated, _NUM_CLASSES[name])
+    train_augment = _train_augment(name, augment, channels_last, normalisation)
     train = TensorLoader(
         train_images, train_labels, batch_size, shuffle=True, drop_last=drop_last,
         augment=train_augment, **distributed,
@@ -227,5 +280,6 @@ def _build_image_folder(
 
 __all__ = [
     "DATASETS", "BatchAugment", "BatchLoader", "DataBundle", "ImageFolderLoader", "TensorLoader",
-    "build_datasets", "load_cifar", "load_fashion_mnist", "split_validation", "subset_indices",
+    "append_generated", "build_datasets", "labelled_indices", "load_cifar", "load_fashion_mnist", "split_validation",
+    "subset_indices",
 ]

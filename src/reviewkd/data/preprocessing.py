@@ -48,7 +48,7 @@ def eval_preprocessing(cfg) -> Optional[dict]:
 
     d = cfg.data
     if d.name in NATIVE_SIZE:
-        augment = _train_augment(d.name, False, False).evaluation()
+        augment = _train_augment(d.name, False, False, getattr(d, "normalisation", None)).evaluation()
         return _spec("L" if d.name in GREY_DATASETS else "RGB", {"size": list(NATIVE_SIZE[d.name])}, None,
                      _pair(augment.pad_to), augment.channels or 3, augment.mean, augment.std)
     if d.name == "imagefolder":  # imagenet_transforms(False, ...): Resize(shorter side) + CenterCrop
@@ -57,8 +57,9 @@ def eval_preprocessing(cfg) -> Optional[dict]:
         return _spec("RGB", {"shorter_side": shorter}, [d.image_size, d.image_size], None, 3, mean, std)
     if d.name == "regression":  # load_images: convert, bilinear resize to image_size x image_size
         channels = cfg.regression.channels
+        mean, std = getattr(d, "normalisation", None) or (PIXEL_MEAN, PIXEL_STD)
         return _spec("L" if channels == 1 else "RGB", {"size": [d.image_size, d.image_size]}, None, None, channels,
-                     PIXEL_MEAN, PIXEL_STD)
+                     mean, std)
     return None
 
 

@@ -307,6 +307,8 @@ def build_regression_data(
     test_fraction: float = 0.2,
     normalise: ScalerKind = "standard",
     split_seed: int = 0,
+    generated: Optional[TensorPair] = None,
+    normalisation: Optional[tuple[Sequence[float], Sequence[float]]] = None,
 ) -> RegressionData:
     """Train and test loaders for an image regression task (sources and split: see the module doc).
 
@@ -314,7 +316,10 @@ def build_regression_data(
     ``subset`` keeps the first ``subset`` samples of a permutation drawn from ``seed``, separately
     for train and test. Training augmentation is a horizontal flip only: the random crop with
     padding of the CIFAR recipes shifts a face off its alignment. Pixels are normalised with mean
-    0.5 / std 0.5 per channel.
+    0.5 / std 0.5 per channel, or with ``normalisation`` (mean, std) where given. ``generated``
+    (uint8 images, targets in the original unit) is appended to the training set after the split;
+    the target scaler is fitted on the real training targets alone, so that a model trained on the
+    real data and fine-tuned on real + generated data reads its outputs in one scale.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
@@ -334,7 +339,11 @@ def build_regression_data(
         train_pair, test_pair = _subset(train_pair, subset, seed, 0), _subset(test_pair, subset, seed, 1)
 
     scaler = TargetScaler.fit(train_pair[1], normalise)
-    train_augment = BatchAugment(flip=True, mean=PIXEL_MEAN, std=PIXEL_STD, train=augment, channels_last=channels_last)
+    if generated is not None:
+        extra = _check_tensors(generated, image_size, channels)
+        train_pair = (torch.cat([train_pair[0], extra[0]]), torch.cat([train_pair[1], extra[1]]))
+    mean, std = normalisation if normalisation is not None else (PIXEL_MEAN, PIXEL_STD)
+    train_augment = BatchAugment(flip=True, mean=tuple(mean), std=tuple(std), train=augment, channels_last=channels_last)
     distributed = dict(device=device, seed=seed, rank=rank, world_size=world_size)
     train = TensorLoader(
         train_pair[0], scaler.normalise(train_pair[1]).float(), batch_size, shuffle=True, drop_last=drop_last,
@@ -383,8 +392,71 @@ def make_synthetic_regression(out_dir: PathLike, n: int = 256, image_size: int =
     return out
 
 
+ROTATED_CANVAS = 32  # Fashion-MNIST's 28 x 28 items centred on a 32 x 32 canvas before rotation
+
+
+def make_rotated_fashion_mnist(
+    out_dir: PathLike, n_train: int = 10000, n_test: int = 2000, max_angle: float = 90.0, seed: int = 0,
+    fashion_mnist_root: Optional[PathLike] = None,
+) -> Path:
+    """The rotated-angle regression set (in the spirit of RC-49: objects at a continuous angle).
+
+    Items: ``n_train`` Fashion-MNIST training items and ``n_test`` test items (the first of a
+    permutation of each split drawn from ``seed``), so no item is in both parts. Each item is
+    centred on a 32 x 32 black canvas and rotated counter-clockwise (PIL ``Image.rotate``,
+    bilinear, black fill; corners of the largest items may leave the canvas) by an angle drawn
+    uniformly from [0, ``max_angle``) degrees from ``seed`` and rounded to 0.01; the target is that
+    angle in degrees. Written as grey PNGs ``<angle>_<class>_<index>.png`` (the UTKFace naming the
+    folder reader parses) into ``train/`` and ``test/``: a fixed split. Train without flips: a
+    mirrored image of angle a shows angle -a. Written into a temporary folder renamed at the end,
+    so an interrupted run never leaves a partial set."""
+    from .fashion_mnist import load_fashion_mnist
+
+    if not 0 < max_angle <= 180:
+        raise ValueError(f"max_angle must be in (0, 180] degrees, got {max_angle}")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    rng = np.random.default_rng(seed)
+    pad = (ROTATED_CANVAS - 28) // 2
+    for part, split, n in (("train", "train", n_train), ("test", "test", n_test)):
+        images, labels = load_fashion_mnist(fashion_mnist_root, split)
+        if not 0 < n <= len(labels):
+            raise ValueError(f"n_{part} must be in 1..{len(labels)}, got {n}")
+        pick = np.sort(rng.permutation(len(labels))[:n])
+        angles = np.minimum(np.round(rng.uniform(0.0, max_angle, size=n), 2), round(max_angle - 0.01, 2))
+        (tmp / part).mkdir(parents=True)
+        for i, (index, angle) in enumerate(zip(pick.tolist(), angles.tolist())):
+            canvas = np.zeros((ROTATED_CANVAS, ROTATED_CANVAS), dtype=np.uint8)
+            canvas[pad:pad + 28, pad:pad + 28] = images[index, 0].numpy()
+            rotated = Image.fromarray(canvas).rotate(angle, resample=Image.Resampling.BILINEAR)
+            rotated.save(tmp / part / f"{angle:.2f}_{int(labels[index])}_{i:06d}.png")
+    (tmp / "dataset.txt").write_text(f"rotated Fashion-MNIST: {n_train} train / {n_test} test items, angles uniform in "
+                                     f"[0, {max_angle}) degrees, seed {seed}\n")
+    os.replace(tmp, out)
+    return out
+
+
+SYNTHETIC_KINDS = ("discs", "rotated_fashion_mnist")
+
+
+def make_synthetic(out_dir: PathLike, image_size: int, options: dict) -> Path:
+    """``regression.synthetic``: ``{kind: discs, ...}`` (the default: ``make_synthetic_regression``)
+    or ``{kind: rotated_fashion_mnist, ...}`` (``make_rotated_fashion_mnist``), other keys passed on."""
+    options = dict(options)
+    kind = options.pop("kind", "discs")
+    if kind == "rotated_fashion_mnist":
+        return make_rotated_fashion_mnist(out_dir, **options)
+    if kind != "discs":
+        raise ValueError(f"regression.synthetic.kind must be one of {', '.join(SYNTHETIC_KINDS)}, got {kind!r}")
+    return make_synthetic_regression(out_dir, image_size=image_size, **options)
+
+
 __all__ = [
     "IMAGE_EXTENSIONS", "RegressionData", "TargetScaler", "build_regression_data", "load_images",
-    "make_synthetic_regression", "parse_utkface_target", "read_target_csv", "scan_utkface_folder",
+    "make_rotated_fashion_mnist", "make_synthetic", "make_synthetic_regression", "parse_utkface_target", "read_target_csv", "scan_utkface_folder",
     "split_indices",
 ]

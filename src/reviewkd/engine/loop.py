@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,7 +29,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from .. import collectives
-from ..config import Config, ConfigError, load_config, save_config
+from ..config import Config, ConfigError, TeacherConfig, load_config, save_config
 from ..methods import RunContext, method_class
 from ..models.summary import count_parameters
 from ..models.weights import CheckpointMismatchError, compare_state
@@ -67,8 +68,9 @@ def build_optimizer(group: Group, solver) -> torch.optim.Optimizer:
     kind = group.optimizer or solver.optimizer
     options = {"weight_decay": solver.weight_decay, **group.options}  # a group may set its own weight decay
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=solver.momentum, nesterov=solver.nesterov and solver.momentum > 0,
-                               **options)
+        # a group may set its own momentum / nesterov as well
+        sgd = {"momentum": solver.momentum, "nesterov": solver.nesterov and solver.momentum > 0, **options}
+        return torch.optim.SGD(params, lr=lr, **sgd)
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, **options)
     return torch.optim.AdamW(params, lr=lr, **options)
@@ -103,6 +105,8 @@ class TeacherPlan:
     def describe(self) -> str:
         if self.name is None:
             return "no teacher"
+        if self.checkpoint is None and self.config is None:
+            return f"{self.name}: the teacher's outputs come with the data"
         if self.config is None:
             return f"load {self.name} from {self.checkpoint}"
         text = (f"train {self.name} first from its config ({self.config.name}: {_length(self.config)}) into "
@@ -127,6 +131,8 @@ class TeacherPlan:
             got, source = (tuple(got) if got else None), str(self.checkpoint)
         else:
             return
+        if got is not None and len(got) != len(want):
+            return  # another kind of input (an audio or frame teacher of a video student): nothing to compare
         if got is not None and got != want:
             self.warning = (f"warning: the teacher was trained at input size {'x'.join(map(str, got))} ({source}) "
                             f"but the student's data is {'x'.join(map(str, want))}: its features and accuracy may "
@@ -137,13 +143,19 @@ def _length(cfg: Config) -> str:
     return f"{cfg.detection.max_iter} iterations" if cfg.task == "detection" else f"{cfg.solver.epochs} epochs"
 
 
-def plan_teacher(cfg: Config) -> TeacherPlan:
-    """Decided from the config and the file system alone (cheap)."""
-    if not method_class(cfg.method.name).reads.teacher:
+PRECOMPUTED = "precomputed"  # a teacher name whose outputs are part of the data (e.g. audio features)
+
+
+def plan_teacher(cfg: Config, section: Optional[TeacherConfig] = None) -> TeacherPlan:
+    """Decided from the config and the file system alone (cheap). ``section``: plan this teacher
+    section instead of ``cfg.teacher`` (a second teacher of the run, e.g. CCL's image teacher)."""
+    if section is None and not method_class(cfg.method.name).uses_teacher(cfg.method.options):
         return TeacherPlan()
-    t = cfg.teacher
+    t = cfg.teacher if section is None else section
     if t is None:
         raise ConfigError(f"method {cfg.method.name!r} needs a teacher: add a 'teacher' section (name + checkpoint or config)")
+    if t.name == PRECOMPUTED and t.checkpoint is None and t.config is None:
+        return TeacherPlan(t.name)  # its outputs come with the data: nothing to load or train
     if t.features is None and t.config is not None and Path(t.config).is_file():
         # the stages the teacher's own config names are the teacher's stages here too
         t.features = load_config(t.config).model.features
@@ -537,7 +549,8 @@ class Run:
                 epoch = float(it // spe) if sched.x_key == "epoch" else it / spe
                 with autocast(self.device, self.precision):
                     out = self.step_fn(batch, stage, epoch)
-                step_groups(groups, out.losses, self.scaler, self.cfg.solver.clip_grad_norm)
+                step_groups(groups, out.losses, self.scaler, self.cfg.solver.clip_grad_norm, out.idle)
+                self.recipe.after_step(stage)
                 self.stage_iteration = it = it + 1
                 bar.update(1)
                 self._accumulate(sums, out, batch)
@@ -654,11 +667,13 @@ class Run:
 
 
 def step_groups(groups: list[GroupOptimiser], losses: dict[str, dict[str, torch.Tensor]], scaler,
-                default_clip: Optional[float] = None) -> None:
+                default_clip: Optional[float] = None, idle: tuple[str, ...] = ()) -> None:
     """The step rule: in the recipe's order, zero a group's gradients and run the backward pass of
     its losses (keeping the graph for the groups after it); average the gradients over the ranks;
     then clip and step every group. A group therefore receives the gradients of its own losses
-    and of later groups' losses that reach it, and none of earlier groups' losses."""
+    and of later groups' losses that reach it, and none of earlier groups' losses. Groups in
+    ``idle`` sit the step out (no zeroing, backward or step; their schedules still advance)."""
+    all_groups, groups = groups, [o for o in groups if o.group.name not in idle]
     for i, o in enumerate(groups):
         o.optimizer.zero_grad(set_to_none=True)
         loss = sum(losses[o.group.name].values())
@@ -674,6 +689,11 @@ def step_groups(groups: list[GroupOptimiser], losses: dict[str, dict[str, torch.
     scaler.update()
     for o in groups:
         o.scheduler.step()
+    for o in all_groups:
+        if o not in groups:  # an idle group's schedule follows the iteration although it did not step
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                o.scheduler.step()
 
 
 def _convert_sync_batchnorm(model: nn.Module) -> nn.Module:
@@ -698,7 +718,8 @@ def _writable(folder: Path) -> bool:
 def _probe_context(cfg: Config, num_outputs: int):
     """A stand-in run context for the architecture probe (no data read yet)."""
     n = max(2 * num_outputs, 2)
-    return RunContext(num_samples=n, train_targets=torch.arange(n) % max(num_outputs, 2), num_classes=num_outputs)
+    return RunContext(num_samples=n, train_targets=torch.arange(n) % max(num_outputs, 2), num_classes=num_outputs,
+                      probe=True)
 
 
 def _describe_checkpoint(path: Path) -> str:

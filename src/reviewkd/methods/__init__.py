@@ -38,3 +38,4 @@ from . import feature_mse  # noqa: E402,F401
 from . import introspective  # noqa: E402,F401
 from . import teacher_free  # noqa: E402,F401
 from . import online  # noqa: E402,F401  (dml, ffsd: trained by recipes.OnlineDistillation)
+from . import ccl  # noqa: E402,F401  (trained by recipes.crossmodal.CrossModalDistillation)

@@ -69,6 +69,7 @@ class RunContext:
     num_classes: Optional[int] = None
     teacher_bn: Optional[list] = None  # the BatchNorm before each teacher stage's final ReLU (or None)
     epochs: Optional[float] = None  # the run's length in epochs (methods whose schedule spans the run)
+    probe: bool = False  # the loop's architecture probe: nothing is trained or read yet
 
     @classmethod
     def of(cls, value: "RunContext | dict | None") -> "RunContext":
@@ -116,6 +117,11 @@ class DistillMethod(nn.Module):
     pretraining: Optional[Pretraining] = None
     # Epochs over which the method's weight ramps up (0: full weight from the start).
     warmup_epochs: float = 0.0
+
+    @classmethod
+    def uses_teacher(cls, options: dict) -> bool:
+        """Whether a run with these method options needs the config's ``teacher`` section."""
+        return cls.reads.teacher
 
     def setup(self, probe: Step, context: RunContext = RunContext()) -> None:
         """Build connectors from the shapes of a probe pass (features on a dummy batch) and the

@@ -27,12 +27,15 @@ __all__ = ["count_parameters", "count_flops", "zoo_table", "format_table", "DEFA
 # refreshed by `python -m reviewkd.models.summary` (a test checks it against a fresh measurement).
 ZOO_TABLE_FILE = Path(__file__).resolve().parent / "zoo_table.json"
 ZOO_CONVENTIONS = ("parameters and MFLOPs at each family's default: cifar 100 classes, 3x32x32 input; imagenet "
-                   "1000 classes, 3x224x224. FLOPs = 2 x multiply-adds (convolutions and matrix products only). "
+                   "1000 classes, 3x224x224; video 101 classes, 3x16x112x112; audio 10 classes, 1x40x61 log-mel; "
+                   "audio_vector 51 classes, 512-d. FLOPs = 2 x multiply-adds (convolutions and matrix products only). "
                    "channels: the feature stages' output channels.")
 
 # input size (C, H, W) and number of classes a family's models are measured with by default
-DEFAULT_INPUT_SIZE: dict[str, tuple[int, int, int]] = {"cifar": (3, 32, 32), "imagenet": (3, 224, 224)}
-DEFAULT_NUM_CLASSES: dict[str, int] = {"cifar": 100, "imagenet": 1000}
+DEFAULT_INPUT_SIZE: dict[str, tuple[int, ...]] = {"cifar": (3, 32, 32), "imagenet": (3, 224, 224),
+                                                 # clips (C, T, H, W), log-mel (1, mels, frames), feature vectors
+                                                 "video": (3, 16, 112, 112), "audio": (1, 40, 61), "audio_vector": (512,)}
+DEFAULT_NUM_CLASSES: dict[str, int] = {"cifar": 100, "imagenet": 1000, "video": 101, "audio": 10, "audio_vector": 51}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -8,6 +8,11 @@ own losses and of the losses of the groups after it that reach them, and nothing
 before it. That one rule expresses both sequential updates with detached inputs (each group's
 losses see only its own network) and deliberate routing (put the group that must also receive
 another group's loss before that group).
+
+A group named in ``StepOutput.idle`` sits the step out: its gradients are neither zeroed nor
+computed, its optimiser does not step (its LR schedule still advances with the iteration) and its
+losses, if any, are only logged (e.g. a GAN's generator between its steps). After the optimisers
+stepped, the loop calls ``after_step`` (e.g. to update moving averages).
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ class StepOutput:
 
     outputs: Optional[torch.Tensor]
     losses: dict[str, dict[str, torch.Tensor]]
+    idle: tuple[str, ...] = ()  # groups that do not step this iteration (their losses only logged)
 
 
 class Recipe(nn.Module):
@@ -77,6 +83,9 @@ class Recipe(nn.Module):
 
     def enter_stage(self, stage: Stage) -> None:
         """Set train / eval modes for ``stage`` (called after ``.train()``)."""
+
+    def after_step(self, stage: Stage) -> None:
+        """Called after each step's optimiser updates (moving averages, step counters)."""
 
     def deployable(self) -> nn.Module:
         """The network that is evaluated, saved as the student and exported."""

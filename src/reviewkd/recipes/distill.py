@@ -6,7 +6,8 @@ method's pre-training stage, if it declares one (:class:`~reviewkd.methods.Pretr
 distillation with one optimiser group over the student and the method's modules.
 
 The teacher is frozen: no gradients, always in eval mode (also after ``.train()``), run under
-``torch.inference_mode``. It may read another input of the batch than the student
+``torch.inference_mode``; ``fold_teacher_bn=True`` (what training runs use) runs a copy of it with its
+BatchNorms folded into the convolutions, exact up to float rounding. It may read another input of the batch than the student
 (``teacher_input``, e.g. a frame of the clip or another resolution), or be a
 :class:`~reviewkd.recipes.teachers.PrecomputedTeacher` read by the batch's dataset indices (samples
 without an entry are masked: ``Step.teacher_mask``). The method configures itself
@@ -32,6 +33,7 @@ from torch import nn
 from ..batch import Batch
 from ..features import FeatureSpec, FeatureTaps, feature_spec_of, stage_batchnorms
 from ..methods import DistillMethod, RunContext, Step, create_method
+from ..models.folding import fold_batchnorms
 from .base import Group, Recipe, Stage, StepOutput
 from .teachers import PrecomputedTeacher
 
@@ -112,6 +114,7 @@ class Distiller(Recipe):
         teacher_input: str = "image",
         teacher_input_size: Sequence[int] | None = None,
         pretrain_lr: float | None = None,
+        fold_teacher_bn: bool = False,
         **method_options,
     ):
         super().__init__()
@@ -146,6 +149,7 @@ class Distiller(Recipe):
         self.teacher_input_size = tuple(int(v) for v in (teacher_input_size or self.input_size))
         self._build_taps(student_spec, teacher_spec, student_stages, teacher_stages)
         self._probe_and_setup(RunContext.of(context))
+        self.folded_teacher_batchnorms = self._fold_teacher() if fold_teacher_bn else 0
 
     # ------------------------------------------------------------------ set-up
     def _build_taps(self, student_spec, teacher_spec, student_stages, teacher_stages) -> None:
@@ -193,6 +197,39 @@ class Distiller(Recipe):
             self.student.train(was_training)
             self._probing = False
         self.method.to(self._device())
+
+    def _fold_teacher(self) -> int:
+        """The frozen teacher as an inference graph: its BatchNorms folded into the convolutions
+        before them (a copy; the network passed in is left as it is), after the method's set-up has
+        read what it needs of them. Not done where training steps put the teacher's BatchNorm on batch
+        statistics (``teacher_bn: train``). Feature taps are moved to the copy; a tap on a BatchNorm's
+        output reads the folded convolution's output, the same values. Returns how many folded."""
+        if self.teacher is None or isinstance(self.teacher, PrecomputedTeacher) or self._teacher_batchnorms:
+            return 0
+        taps = self._teacher_taps
+        modules = dict(self.teacher.named_modules())
+        protected = [] if taps is None else [
+            t.module for t in taps.taps
+            if not (t.port == "output" and isinstance(modules[t.module], nn.modules.batchnorm._BatchNorm))]
+
+        def outputs(net, x):
+            if taps is None:
+                return [net(x)]
+            probe = FeatureTaps(net, taps.spec, taps.kind)
+            try:
+                out, feats = probe(x)
+            finally:
+                probe.remove()
+            return [out, *feats]
+
+        sample = self.probe_batch().inputs[self.teacher_input]
+        folded, count = fold_batchnorms(self.teacher, sample, protected, outputs)
+        if count:
+            if taps is not None:
+                taps.remove()
+                self._teacher_taps = FeatureTaps(folded, taps.spec, taps.kind)
+            self.teacher = folded
+        return count
 
     # -------------------------------------------------------------- one pass
     def _student_pass(self, batch: Batch) -> tuple[torch.Tensor, list | None, dict[str, torch.Tensor], dict]:

@@ -8,6 +8,10 @@ _TASKS: dict[str, str] = {
     "classification": "classification:ClassificationTask",
     "detection": "detection:DetectionTask",
     "regression": "regression:RegressionTask",
+    "cgan": "cgan:CganTask",
+    "dre": "cgan:DreTask",
+    "dre_autoencoder": "cgan:AutoencoderTask",
+    "video": "video:VideoTask",
 }
 
 

@@ -46,6 +46,16 @@ def evaluate_classifier(model: nn.Module, loader, device, precision: str, split:
     return {f"{split}_top1": 100.0 * c1 / n, f"{split}_top5": 100.0 * c5 / n, f"{split}_loss": loss / n}
 
 
+def generated_data(data_cfg):
+    """(uint8 images, labels) of ``data.generated`` (a cGAN-KD store), None without one."""
+    if data_cfg.generated is None:
+        return None
+    from ..cgankd.store import load_generated
+
+    store = load_generated(data_cfg.generated)
+    return store.images, store.labels
+
+
 class ClassificationTask(Task):
     name = "classification"
     score_key, score_label, higher_is_better = "test_top1", "top-1", True
@@ -83,7 +93,8 @@ class ClassificationTask(Task):
     def recipe_options(self, cfg) -> dict:
         m = cfg.method
         return dict(ce_weight=m.ce_weight, student_stages=m.student_stages, teacher_stages=m.teacher_stages,
-                    pretrain_lr=cfg.solver.pretrain_lr, task=self.name, **m.options)
+                    pretrain_lr=cfg.solver.pretrain_lr, task=self.name,
+                    fold_teacher_bn=cfg.runtime.fold_teacher_bn, **m.options)
 
     def build_recipe(self, cfg, student, teacher, input_size, context: RunContext):
         if issubclass(method_class(cfg.method.name), OnlineMethod):  # several networks trained together, no teacher
@@ -104,7 +115,9 @@ class ClassificationTask(Task):
         b = build_datasets(d.name, d.root, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, device=device,
                            seed=cfg.seed, rank=rank, world_size=world_size, subset=d.subset, augment=d.augment,
                            drop_last=True, channels_last=cfg.runtime.channels_last, workers=d.workers,
-                           image_size=d.image_size, val_split=d.selection_split)
+                           image_size=d.image_size, val_split=d.selection_split,
+                           labelled_fraction=d.labelled_fraction, labelled_seed=d.labelled_seed,
+                           generated=generated_data(d), normalisation=d.normalisation)
         context = RunContext(num_samples=b.num_samples, train_targets=b.train_targets, num_classes=b.num_classes,
                              epochs=cfg.solver.epochs)
         meta = {"num_classes": b.num_classes, "input_size": list(b.input_size),

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from ..batch import Batch
 from ..collectives import sum_over_ranks
 from ..config import ConfigError
-from ..data.regression import TargetScaler, build_regression_data, make_synthetic_regression
+from ..data.regression import TargetScaler, build_regression_data, make_synthetic
 from ..engine.runtime import autocast
 from ..methods import RunContext
 from ..recipes.distill import Distiller
 from .base import TaskData
-from .classification import ClassificationTask
+from .classification import ClassificationTask, generated_data
 
 
 def regression_loss(kind: str):
@@ -57,6 +57,8 @@ class RegressionTask(ClassificationTask):
     def check_config(self, cfg) -> None:
         if cfg.data.val_split:
             raise ConfigError("data.val_split is not available for regression yet: its test split is regression.test_fraction")
+        if cfg.data.labelled_fraction is not None:
+            raise ConfigError("data.labelled_fraction (scarce labels) is for classification; use data.subset for regression")
 
     def num_outputs(self, cfg) -> int:
         return 1
@@ -71,12 +73,13 @@ class RegressionTask(ClassificationTask):
     def build_data(self, cfg, device, rank: int = 0, world_size: int = 1) -> TaskData:
         d, r = cfg.data, cfg.regression
         if r.synthetic is not None and d.root is not None and not Path(d.root).is_dir():
-            make_synthetic_regression(d.root, image_size=d.image_size, **r.synthetic)
+            make_synthetic(d.root, d.image_size, r.synthetic)
         b = build_regression_data(
             d.root, csv=r.csv, file_column=r.file_column, target_column=r.target_column, image_size=d.image_size,
             channels=r.channels, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, device=device,
             seed=cfg.seed, rank=rank, world_size=world_size, subset=d.subset, augment=d.augment, drop_last=True,
-            channels_last=cfg.runtime.channels_last, test_fraction=r.test_fraction, normalise=r.normalise)
+            channels_last=cfg.runtime.channels_last, test_fraction=r.test_fraction, normalise=r.normalise,
+            generated=generated_data(d), normalisation=d.normalisation)
         context = RunContext(num_samples=b.num_samples, train_targets=b.train_targets)
         meta = {"num_classes": 1, "input_size": list(b.input_size), "target_scaler": b.scaler.to_dict()}
         return TaskData(b.train, b.test, len(b.train), tuple(b.input_size), 1, context, meta, num_train=b.num_samples)

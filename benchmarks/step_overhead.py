@@ -1,0 +1,158 @@
+"""What a distillation step costs over its floor, in arithmetic and in time.
+
+For each teacher -> student pair (the CIFAR-100 pairs of the ReviewKD paper's tables and the default
+run's Fashion-MNIST pair) and each method, one training step (forward, backward, SGD) is measured:
+
+* ``flop ratio``: FLOPs of the step (``torch.utils.flop_counter``, forward + backward) over the floor's,
+  the floor being the teacher's forward plus the student's own cross-entropy step;
+* ``time ratio``: ms of the step over the floor's ms, both on the default path (the engine's: frozen
+  teacher with BatchNorm folded, channels_last, the precision ``auto`` picks); ``time / flop`` is how
+  much slower than its arithmetic the step runs (1.0: exactly what the arithmetic demands);
+* ``vs plain``: the same step run plainly (eager, fp32, channels-first, teacher as given) over the
+  default path's time: how much faster the default path is.
+
+Rounds are interleaved (default step, floor, plain step, ...) and the median of ``--rounds`` is kept,
+so a busy machine affects every column alike. Tests never assert timings; this script prints them.
+
+Usage: python benchmarks/step_overhead.py [--pairs resnet56:resnet20 ...] [--methods reviewkd kd ...]
+       [--batch 64] [--rounds 7] [--csv FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import reviewkd as rk
+from reviewkd.engine.runtime import autocast, describe_machine, resolve_precision
+from reviewkd.models.summary import format_table
+
+# (teacher, student, classes): the paper's CIFAR-100 pairs, then the default run's pair (10 classes)
+PAIRS = ["resnet56:resnet20", "resnet110:resnet32", "resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2", "wrn_40_2:wrn_40_1",
+         "vgg13:vgg8", "resnet32x4:ShuffleV1", "resnet32x4:ShuffleV2", "wrn_40_2:ShuffleV1", "vgg13:MobileNetV2",
+         "ResNet50:MobileNetV2", "ResNet50:vgg8", "resnet20:resnet8@10"]
+NO_WARMUP = {"reviewkd": {"warmup_epochs": 0}, "dkd": {"warmup_epochs": 0}}
+
+
+class Step:
+    """One SGD step of ``method`` (or the floor: ``method=None``) for a pair on a fixed batch."""
+
+    def __init__(self, teacher_name, student_name, classes, method, batch, device, fast: bool):
+        torch.manual_seed(0)
+        student = rk.create_model(student_name, num_classes=classes)
+        teacher = rk.create_model(teacher_name, num_classes=classes).eval().requires_grad_(False)
+        self.fast, self.device = fast, device
+        self.precision = resolve_precision("auto", device) if fast else "fp32"
+        if method is None:
+            self.distiller, self.teacher, self.student = None, teacher, student
+            params = list(student.parameters())
+            modules = [student, teacher]
+        else:
+            self.distiller = rk.Distiller(student, teacher, method, fold_teacher_bn=fast, **NO_WARMUP.get(method, {}))
+            params = list(self.distiller.trainable_parameters())
+            modules = [self.distiller]
+        for m in modules:
+            m.to(device)
+            if fast:
+                m.to(memory_format=torch.channels_last)
+        if method is None and fast:  # the floor's teacher is the default path's teacher: folded
+            folded = rk.Distiller(student, teacher, "kd", fold_teacher_bn=True)
+            self.teacher = folded.teacher
+            folded.remove()
+        self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        self.x = torch.randn(batch, 3, 32, 32, device=device)
+        if fast:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, classes, (batch,), device=device)
+
+    def __call__(self):
+        with autocast(self.device, self.precision):
+            if self.distiller is None:
+                with torch.inference_mode():
+                    self.teacher(self.x)
+                loss = F.cross_entropy(self.student(self.x), self.y)
+            else:
+                _, losses = self.distiller(self.x, self.y, epoch=10.0)
+                loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def flops(self) -> int:
+        with FlopCounterMode(display=False) as counter:
+            self()
+        return counter.get_total_flops()
+
+
+def timed(step: Step) -> float:
+    if step.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if step.device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start)
+
+
+def measure(pair: str, method: str, batch: int, rounds: int, device) -> dict:
+    names, _, classes = pair.partition("@")
+    teacher, student = names.split(":")
+    classes = int(classes or 100)
+    batch = 128 if classes == 10 else batch  # the default run's batch for its pair
+    steps = {"step": Step(teacher, student, classes, method, batch, device, fast=True),
+             "floor": Step(teacher, student, classes, None, batch, device, fast=True),
+             "plain": Step(teacher, student, classes, method, batch, device, fast=False)}
+    flops = {k: steps[k].flops() for k in ("step", "floor")}  # also the first warm-up step
+    for s in steps.values():
+        s()
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, s in steps.items():
+            times[k].append(timed(s))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    flop_ratio, time_ratio = flops["step"] / flops["floor"], ms["step"] / ms["floor"]
+    return {"pair": f"{teacher} -> {student}", "method": method, "batch": batch,
+            "GFLOP/img": flops["step"] / batch / 1e9, "flop ratio": flop_ratio, "ms/step": ms["step"],
+            "floor ms": ms["floor"], "time ratio": time_ratio, "time / flop": time_ratio / flop_ratio,
+            "plain ms": ms["plain"], "vs plain": ms["plain"] / ms["step"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", nargs="*", default=PAIRS, help="teacher:student[@classes] (classes default 100)")
+    p.add_argument("--methods", nargs="*", default=["reviewkd"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    print(describe_machine("auto", args.device))
+    print(f"default path: folded teacher, channels_last, precision {resolve_precision('auto', device)}; "
+          "plain: eager fp32, channels-first, teacher as given")
+    rows = []
+    for pair in args.pairs:
+        for method in args.methods:
+            rows.append(measure(pair, method, args.batch, args.rounds, device))
+            print(format_table(rows[-1:], formats={k: ".2f" for k in rows[-1] if k not in ("pair", "method", "batch")}),
+                  flush=True)
+    print()
+    print(format_table(rows, formats={k: ".2f" for k in rows[0] if k not in ("pair", "method", "batch")}))
+    if args.csv:
+        import csv
+
+        path = Path(args.csv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
