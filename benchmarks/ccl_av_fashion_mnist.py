@@ -45,13 +45,6 @@ def fit(file: Path, overrides: list[str]):
     return cfg, Run(cfg, resume=done, progress=False).fit()
 
 
-def teacher_overrides(modality: str) -> list[str]:
-    """What the recipes change in the teacher's config (ccl_audio_image.yaml names both teachers)."""
-    cfg = load_config(CONFIGS / "ccl_audio_image.yaml")
-    section = cfg.teacher.overrides if modality == "audio" else cfg.method.options["image_teacher"].get("overrides", [])
-    return [o for o in section if not o.startswith("name=")]
-
-
 def rate_name(rate: float) -> str:
     return f"{round(100 * rate)}%"
 
@@ -118,8 +111,7 @@ def main() -> None:
         for modality, stem in (("audio", "audio_teacher"), ("image", "frame_teacher")):
             if modality not in needed:
                 continue
-            own = teacher_overrides(modality)  # the recipes' teacher model (the student's feature size)
-            cfg, result = fit(CONFIGS / f"{stem}.yaml", at_rate + own + [f"solver.epochs={args.teacher_epochs}",
+            cfg, result = fit(CONFIGS / f"{stem}.yaml", at_rate + [f"solver.epochs={args.teacher_epochs}",
                                                                          f"name={stem}_{tag}_e{args.teacher_epochs}"])
             checkpoints[modality] = cfg.run_dir / "best.pt"
             teachers_line.append(f"{modality} teacher @ {rate_name(rate)}: top-1 {result.best_score:.2f}")

@@ -252,3 +252,59 @@ def test_a_pipeline_killed_in_a_training_stage_resumes_it_and_skips_the_finished
     assert done.returncode == 0, done.stderr[-2000:]
     assert "nokd: output exists" in done.stdout and "resuming" in (run / "gan" / "train.log").read_text()
     assert (run / "student" / "best.pt").is_file()
+
+
+# ------------------------------------------------------------------------------ recipes and zoo
+def test_every_shipped_recipe_validates_its_stages_and_names_zoo_models(tmp_path):
+    from reviewkd.catalogue import recipe_names
+    from reviewkd.cgankd.pipeline import Pipeline
+    from reviewkd.models import list_models
+
+    pipelines = 0
+    for name in (n for n in recipe_names() if n.startswith("cgankd/")):
+        cfg = load_config(name, [f"output_dir={tmp_path}"])
+        assert cfg.model.name in list_models() and (cfg.teacher is None or cfg.teacher.name in list_models()), name
+        if cfg.cgankd is None:  # a teacher recipe
+            continue
+        for quick in (False, True):  # every stage config (task names, options) is validated up front
+            plan = Pipeline(cfg, quick=quick, say=lambda line: None).plan
+            stages = {stage.name: stage.config for stage in plan}
+            assert stages["dre_extractor"] is not None, name
+            if cfg.task == "regression":  # the sparse autoencoder; no flips, they change an angle's sign
+                assert stages["dre_extractor"].task == "dre_autoencoder", name
+                if "rotated" in name:
+                    assert not stages["dre"].dre.flip and not stages["dre_extractor"].dre.flip, name
+        pipelines += 1
+    assert pipelines >= 7
+
+
+def test_densenet121_is_the_cifar_densenet_bc_of_the_cgankd_filter_teacher():
+    from reviewkd.models import create_model
+
+    model = create_model("densenet121", num_classes=100).eval()
+    # closed form: 3x3 stem of 64, bottlenecks (BN, 1x1 to 128, BN, 3x3 to 32), halving transitions
+    growth, width = 32, 64
+    expected = 3 * 64 * 9
+    for i, n in enumerate((6, 12, 24, 16)):
+        for _ in range(n):
+            expected += 2 * width + width * 4 * growth + 2 * 4 * growth + 4 * growth * growth * 9
+            width += growth
+        if i < 3:
+            expected += 2 * width + width * (width // 2)
+            width //= 2
+    expected += 2 * width + width * 100 + 100
+    assert width == 1024
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert 6.9e6 < expected < 7.1e6  # about 7.0M, as the CIFAR DenseNet-121 is known
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    from reviewkd.features import FeatureTaps
+
+    taps = FeatureTaps(model, model.feature_spec, "post")
+    try:
+        with torch.no_grad():
+            _, feats = taps(torch.randn(1, 3, 32, 32))
+    finally:
+        taps.remove()
+    assert [tuple(f.shape) for f in feats] == [(1, 256, 32, 32), (1, 512, 16, 16), (1, 1024, 8, 8), (1, 1024, 4, 4),
+                                               (1, 1024, 1, 1)]

@@ -544,8 +544,10 @@ def test_readme_own_model_with_yaml_features(user_package):
         assert [tuple(f.shape[1:]) for f in probe.teacher_features] == [(32, 16, 16), (64, 8, 8), (128, 4, 4),
                                                                        (128, 1, 1)]
         assert all(f.min() < 0 for f in probe.teacher_features[:-1])
+        # the tapped BatchNorms are folded into their convolutions for training (same values, Identity left)
         teacher = recipe.frozen_teacher()
-        assert [type(m) for m in (teacher.stage1[1], teacher.stage2[1], teacher.stage3[1])] == [nn.BatchNorm2d] * 3
+        assert [type(m) for m in (teacher.stage1[1], teacher.stage2[1], teacher.stage3[1])] == [nn.Identity] * 3
+        assert recipe.folded_teacher_batchnorms == 3
     finally:
         sys.modules.pop("mynets", None)
 

@@ -261,7 +261,8 @@ class DreConfig(_Section):
     generator and a frozen feature extractor (both required)."""
 
     generator: Optional[str] = None  # best.pt of a task: cgan run
-    extractor: Optional[str] = None  # best.pt of a classification run of dre_extractor_small / _resnet34
+    extractor: Optional[str] = None  # best.pt of a classification run of dre_extractor_small / _resnet34,
+    # or of a task: dre_autoencoder run (regression)
     penalty: float = Field(0.01, ge=0)  # lambda of (E_fake[r] - 1)^2 (v1: 1e-3)
     widths: list[int] = Field(default_factory=lambda: [2048, 1024, 512, 256, 128])
     betas: tuple[float, float] = (0.5, 0.999)

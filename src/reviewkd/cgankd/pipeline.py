@@ -26,7 +26,6 @@ stage's time and counts, ``samples_*.png`` generated images beside accepted and 
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -373,14 +372,20 @@ class Pipeline:
         kept = load_generated(self.run_dir / "filter" / "kept.npz")
         labels = kept.labels
         changed = 0
+        shift = 0.0  # regression: mean |new - conditioning label| in the data's unit
         if self.c.adjust and len(kept):
             new = adjust_labels(self._teacher(), kept.images, "ce" if self.classification else "abs_error")
             new = torch.as_tensor(new).to(labels.dtype).cpu()
-            changed = int((new != labels).sum()) if self.classification else 0
+            if self.classification:
+                changed = int((new != labels).sum())
+            else:
+                label_map = self._label_map()
+                shift = (label_map.to_original(new.double()) - label_map.to_original(labels.double())).abs().mean().item()
             labels = new
         if not self.classification:  # [0, 1] -> the data's unit (degrees, years)
             labels = self._label_map().to_original(labels.double())
-        record = {"fakes": len(kept), "adjusted": self.c.adjust, "labels_changed": changed}
+        record = {"fakes": len(kept), "adjusted": self.c.adjust}
+        record.update({"labels_changed": changed} if self.classification else {"mean_label_shift": round(shift, 4)})
         save_generated(stage.output, kept.images, labels, {**kept.provenance, "stage": "relabel",
                                                           "label_space": "class" if self.classification else "original",
                                                           **record})
