@@ -45,6 +45,14 @@ def fit(file: Path, overrides: list[str]):
     return cfg, Run(cfg, resume=done, progress=False).fit()
 
 
+def finished(file: Path, overrides: list[str]) -> bool:
+    """Whether the run these overrides name has finished (its last.pt says done)."""
+    import torch
+
+    path = load_config(file, overrides).run_dir / "last.pt"
+    return path.is_file() and bool(torch.load(path, map_location="cpu", weights_only=False).get("done"))
+
+
 def rate_name(rate: float) -> str:
     return f"{round(100 * rate)}%"
 
@@ -55,11 +63,15 @@ def summarise(runs: list[dict], rates: list[float], labels: list[str], seeds: li
         row = {"method": label}
         for rate in rates:
             mine = [r for r in runs if r["method"] == label and r["mismatch"] == rate]
+            if not mine:  # --finished-only: nothing finished for this cell
+                row[f"top1 @ {rate_name(rate)}"], row[f"_mean_{rate}"], row[f"_std_{rate}"] = "—", float("nan"), 0.0
+                continue
             top1 = mean_std([r["top1"] for r in mine])
-            row[f"top1 @ {rate_name(rate)}"] = f"{top1[0]:.2f}" + (f" ± {top1[1]:.2f}" if len(seeds) > 1 else "")
+            row[f"top1 @ {rate_name(rate)}"] = (f"{top1[0]:.2f}" + (f" ± {top1[1]:.2f}" if len(mine) > 1 else "")
+                                                + (f" (n={len(mine)})" if len(mine) != len(seeds) else ""))
             row[f"_mean_{rate}"], row[f"_std_{rate}"] = top1
-        seconds = mean_std([r["s_per_epoch"] for r in runs if r["method"] == label])
-        row["s/epoch"] = f"{seconds[0]:.1f}"
+        seconds = [r["s_per_epoch"] for r in runs if r["method"] == label]
+        row["s/epoch"] = f"{mean_std(seconds)[0]:.1f}" if seconds else "—"
         rows.append(row)
     return rows
 
@@ -76,7 +88,7 @@ def plot(rows: list[dict], rates: list[float], title: str, path: Path) -> None:
     for i, rate in enumerate(rates):
         ax.bar([x + (i - (len(rates) - 1) / 2) * width for x in xs], [r[f"_mean_{rate}"] for r in rows], width,
                yerr=[r[f"_std_{rate}"] for r in rows], capsize=3, label=f"mismatched audio {rate_name(rate)}")
-    low = min(r[f"_mean_{rate}"] - r[f"_std_{rate}"] for r in rows for rate in rates)
+    low = min(r[f"_mean_{rate}"] - r[f"_std_{rate}"] for r in rows for rate in rates if r[f"_mean_{rate}"] == r[f"_mean_{rate}"])
     ax.set_ylim(max(0.0, low - 3), None)
     ax.set_xticks(list(xs), [r["method"] for r in rows], fontsize=8)
     ax.set_ylabel("per-video test top-1 (%)")
@@ -94,6 +106,8 @@ def main() -> None:
     p.add_argument("--mismatch", type=float, nargs="+", default=[0.0, 0.3], help="rates of clips with another class's audio")
     p.add_argument("--methods", nargs="+", default=[stem for stem, _ in METHODS.values()],
                    choices=[stem for stem, _ in METHODS.values()], help="recipe stems to run")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: tabulate the runs that have finished (a cell may then have fewer seeds)")
     args = p.parse_args()
     machine = machine_line([o for o in args.overrides if o.startswith("runtime.")])  # the others need task: video
     print(machine)
@@ -111,6 +125,9 @@ def main() -> None:
         for modality, stem in (("audio", "audio_teacher"), ("image", "frame_teacher")):
             if modality not in needed:
                 continue
+            if args.finished_only and not finished(CONFIGS / f"{stem}.yaml", at_rate + [
+                    f"name={stem}_{tag}_e{args.teacher_epochs}"]):
+                continue
             cfg, result = fit(CONFIGS / f"{stem}.yaml", at_rate + [f"solver.epochs={args.teacher_epochs}",
                                                                          f"name={stem}_{tag}_e{args.teacher_epochs}"])
             checkpoints[modality] = cfg.run_dir / "best.pt"
@@ -119,12 +136,16 @@ def main() -> None:
         for seed in args.seeds:
             for label in labels:
                 stem, reads = METHODS[label]
+                if any(t not in checkpoints for t in reads):  # --finished-only: its teacher has not finished
+                    continue
                 overrides = at_rate + [f"solver.epochs={args.epochs}", f"seed={seed}",
                                        f"name={stem}_{tag}_e{args.epochs}_s{seed}"]
                 if "audio" in reads:
                     overrides.append(f"teacher.checkpoint={checkpoints['audio']}")
                 if "image" in reads:
                     overrides.append(f"method.options.image_teacher.checkpoint={checkpoints['image']}")
+                if args.finished_only and not finished(CONFIGS / f"{stem}.yaml", overrides):
+                    continue
                 _, result = fit(CONFIGS / f"{stem}.yaml", overrides)
                 seconds = [r["seconds"] for r in result.history]
                 runs.append({"mismatch": rate, "method": label, "seed": seed, "top1": result.metrics["test_top1"],
