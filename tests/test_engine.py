@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reviewkd.engine.loop import TIMING_KEYS
 from reviewkd.config import Config, ConfigError, load_config
 from reviewkd import Distiller
 from reviewkd.engine.checkpoint import load_checkpoint
@@ -84,7 +85,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_checkpoint, r
     # The second epoch did train after resuming.
     assert not all(torch.equal(halfway["student"][k], b["student"][k]) for k in b["student"])
 
-    skip = {"seconds"}
+    skip = set(TIMING_KEYS)
     assert [{k: v for k, v in r.items() if k not in skip} for r in a["history"]] == \
            [{k: v for k, v in r.items() if k not in skip} for r in b["history"]]
     rows = csv_rows(split_dir)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reviewkd.engine.loop import TIMING_KEYS
 from reviewkd import Distiller, create_model
 from reviewkd.methods import IncompatiblePairError, RunContext, Step, create_method
 from reviewkd.methods.hkd import OneHopGraphConv, contrastive_loss, knn_graph, normalized_aggregate
@@ -555,7 +556,7 @@ def test_a_cli_run_stopped_after_an_epoch_resumes_exactly(tmp_path):
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
     for sa, sb in zip(a["optimizers"]["main"]["state"].values(), b["optimizers"]["main"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"]) and a["metrics"] == b["metrics"]
 
 

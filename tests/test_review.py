@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reviewkd.review import ABF, ReviewFusion, hcl_loss
+from reviewkd.review import ABF, HCL_LEVELS, ReviewFusion, hcl_loss, pooled_pyramid
 
 # Two worked cases computed by the released implementation (copied from the reference data).
 GOLDEN = Path(__file__).parent / "data" / "review_golden.pt"
@@ -94,3 +94,36 @@ def test_abf_resizes_to_teacher_size_and_fuses():
     deepest = ABF(8, 16, 32, fuse=False)
     assert deepest.att_conv is None
     assert deepest(torch.randn(2, 8, 1, 1), None, (1, 1))[0].shape == (2, 32, 1, 1)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (12, 12), (6, 6), (7, 7), (6, 10), (12, 8), (3, 3)])
+def test_pooled_pyramid_equals_direct_adaptive_pooling_with_gradients(size):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    levels = [level for level in HCL_LEVELS if level < size[0]]
+    got = pooled_pyramid(x, levels)
+    direct = [F.adaptive_avg_pool2d(x, level) for level in levels]
+    assert len(got) == len(direct)
+    for g, d in zip(got, direct):
+        torch.testing.assert_close(g, d, rtol=1e-6, atol=1e-7)
+    weights = [torch.randn_like(d) for d in direct]
+    grad_got = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), x)[0]
+    grad_direct = torch.autograd.grad(sum((d * w).sum() for d, w in zip(direct, weights)), x)[0]
+    torch.testing.assert_close(grad_got, grad_direct, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("residual_size", [(4, 4), (8, 8)])
+def test_abf_fusion_equals_the_concatenated_attention_of_the_released_block(residual_size):
+    torch.manual_seed(2)
+    abf = ABF(8, 16, 32, fuse=True)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    residual = torch.randn(2, 16, *residual_size, requires_grad=True)
+    up = F.interpolate(residual, size=(8, 8), mode="nearest")
+    z = torch.sigmoid(F.conv2d(torch.cat([x, up], 1), abf.att_conv[0].weight, abf.att_conv[0].bias))
+    expected = x * z[:, 0:1] + up * z[:, 1:2]
+    got = abf._fuse(x, residual)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    w = torch.randn_like(expected)
+    params = (x, residual, abf.att_conv[0].weight, abf.att_conv[0].bias)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), params), torch.autograd.grad((expected * w).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -40,12 +40,27 @@ class ABF(nn.Module):
     def forward(self, x, residual=None, out_size: tuple[int, int] | None = None):
         x = self.conv1(x)
         if self.att_conv is not None:
-            residual = F.interpolate(residual, size=_size(x), mode="nearest")
-            z = self.att_conv(torch.cat([x, residual], dim=1))
-            x = x * z[:, 0:1] + residual * z[:, 1:2]
+            x = self._fuse(x, residual)
         if out_size is not None and _size(x) != tuple(out_size):
             x = F.interpolate(x, size=tuple(out_size), mode="nearest")
         return self.conv2(x), x
+
+    def _fuse(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """z = sigmoid(att_conv([x, up(residual)])); x * z[:, 0] + up(residual) * z[:, 1].
+
+        The same arithmetic as the released block up to float rounding, in fewer passes over memory:
+        the 1x1 attention convolution is split into its x and residual halves (no concatenated copy),
+        and the residual half runs at the residual's own resolution before the nearest upsampling
+        (a 1x1 convolution commutes with it exactly).
+        """
+        conv = self.att_conv[0]
+        channels, size = x.shape[1], _size(x)
+        logits_residual = F.conv2d(residual, conv.weight[:, channels:], conv.bias)
+        if _size(residual) != size:
+            residual = F.interpolate(residual, size=size, mode="nearest")
+            logits_residual = F.interpolate(logits_residual, size=size, mode="nearest")
+        z = torch.sigmoid(F.conv2d(x, conv.weight[:, :channels]) + logits_residual)
+        return torch.addcmul(x * z[:, 0:1], residual, z[:, 1:2])
 
 
 class ReviewFusion(nn.Module):
@@ -109,14 +124,30 @@ def hcl_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -
     """
     total = 0.0
     for s, t in zip(student, teacher, strict=True):
-        h = s.shape[-2]
+        levels = [level for level in HCL_LEVELS if level < s.shape[-2]]
         loss = F.mse_loss(s, t)
         weight, weight_sum = 1.0, 1.0
-        for level in HCL_LEVELS:
-            if level >= h:
-                continue
+        for pooled_s, pooled_t in zip(pooled_pyramid(s, levels), pooled_pyramid(t, levels)):
             weight /= 2.0
-            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, level), F.adaptive_avg_pool2d(t, level))
+            loss = loss + weight * F.mse_loss(pooled_s, pooled_t)
             weight_sum += weight
         total = total + loss / weight_sum
     return total
+
+
+def pooled_pyramid(x: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
+    """``adaptive_avg_pool2d(x, L)`` for each L of ``levels`` (largest first), reading the full map once
+    where the bins allow: when x divides evenly into L x L blocks, a coarser level dividing L is pooled
+    from those block means (a mean of equal-sized block means is the block mean; equal up to float
+    rounding), so the backward pass also writes one full-resolution gradient instead of one per level.
+    """
+    height, width = x.shape[-2:]
+    source, pooled_maps = x, []
+    for level in levels:
+        if source is not x and source.shape[-1] % level:
+            source = x
+        pooled = F.adaptive_avg_pool2d(source, level)
+        pooled_maps.append(pooled)
+        if height % level == 0 and width % level == 0:
+            source = pooled
+    return pooled_maps

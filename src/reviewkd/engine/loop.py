@@ -39,6 +39,9 @@ from .checkpoint import FORMAT, atomic_save, load_checkpoint, remove_stale_tempo
 from .metrics import MetricsLog
 from .runtime import autocast, init_distributed, resolve_precision, seed_everything
 
+# Keys of a history row that measure wall time (differ between otherwise identical runs).
+TIMING_KEYS = ("seconds", "eval_seconds")
+
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, existing run without --resume, ...)."""
@@ -578,12 +581,14 @@ class Run:
                 row = self._row(stage, it, lr, sums, window, seen, time.perf_counter() - window_start)
                 is_best = False
                 if evaluate:
+                    eval_start = time.perf_counter()
                     collectives.broadcast_state_dicts(self.recipe.trained_state())
                     self.metrics = self.task.evaluate(self.eval_model, self.data, self.device, self.precision,
                                                       self._bars(), split=self.split)
                     self.metrics.update(self.recipe.extra_metrics(
                         lambda m: self.task.evaluate(m, self.data, self.device, self.precision, split=self.split)))
                     row.update(self.metrics)
+                    row["eval_seconds"] = time.perf_counter() - eval_start
                     score = self.metrics[self.score_key]
                     is_best = self.task.better(score, self.best_score)
                     if is_best:
