@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    restore_sigterm = _sigterm_interrupts()
     try:
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
@@ -283,6 +284,25 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"reviewkd {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        restore_sigterm()
+
+
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's pre-emption, `kill`) stops a run like Ctrl-C: it says what was saved and
+    exits with EXIT_INTERRUPTED. Only where SIGTERM has its default action and we are the main thread;
+    returns the function that puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
