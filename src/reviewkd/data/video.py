@@ -121,8 +121,10 @@ def select_input(inputs: dict, modality: str, train: bool, generator=None) -> to
         return inputs["audio"]
     video = inputs["video"]
     frames = video.shape[2]
-    t = int(torch.randint(frames, (1,), generator=generator, device=video.device).item()) if train else frames // 2
-    return video[:, :, t].contiguous()
+    if not train:
+        return video[:, :, frames // 2].contiguous()
+    t = torch.randint(frames, (1,), generator=generator, device=video.device)  # stays on the device: no host sync
+    return video.index_select(2, t).squeeze(2).contiguous()
 
 
 # ----------------------------------------------------------------------------- in memory
