@@ -14,7 +14,7 @@ run's Fashion-MNIST pair) and each method, one training step (forward, backward,
 Rounds are interleaved (default step, floor, plain step, ...) and the median of ``--rounds`` is kept,
 so a busy machine affects every column alike. Tests never assert timings; this script prints them.
 
-Usage: python benchmarks/step_overhead.py [--pairs resnet56:resnet20 ...] [--methods reviewkd kd ...]
+Usage: python benchmarks/step_overhead.py [--pairs resnet56:resnet20 ...] [--methods reviewkd kd dkd crd ...]
        [--batch 64] [--rounds 7] [--csv FILE]
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ from reviewkd.models.summary import format_table
 PAIRS = ["resnet56:resnet20", "resnet110:resnet32", "resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2", "wrn_40_2:wrn_40_1",
          "vgg13:vgg8", "resnet32x4:ShuffleV1", "resnet32x4:ShuffleV2", "wrn_40_2:ShuffleV1", "vgg13:MobileNetV2",
          "ResNet50:MobileNetV2", "ResNet50:vgg8", "resnet20:resnet8@10"]
+CIFAR_TRAIN = 50000
 NO_WARMUP = {"reviewkd": {"warmup_epochs": 0}, "dkd": {"warmup_epochs": 0}}
 
 
@@ -53,7 +54,8 @@ class Step:
             params = list(student.parameters())
             modules = [student, teacher]
         else:
-            self.distiller = rk.Distiller(student, teacher, method, fold_teacher_bn=fast, **NO_WARMUP.get(method, {}))
+            self.distiller = rk.Distiller(student, teacher, method, fold_teacher_bn=fast, context=self._context(classes),
+                                          **NO_WARMUP.get(method, {}))
             params = list(self.distiller.trainable_parameters())
             modules = [self.distiller]
         for m in modules:
@@ -69,6 +71,13 @@ class Step:
         if fast:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, classes, (batch,), device=device)
+        # dataset indices of the batch, for the methods with a memory bank (CRD)
+        self.index = torch.randperm(CIFAR_TRAIN, device=device)[:batch]
+
+    @staticmethod
+    def _context(classes: int) -> dict:
+        """A CIFAR-sized training set: what memory-bank methods (CRD) size their banks from."""
+        return {"num_samples": CIFAR_TRAIN, "train_targets": torch.arange(CIFAR_TRAIN) % classes}
 
     def __call__(self):
         with autocast(self.device, self.precision):
@@ -77,7 +86,7 @@ class Step:
                     self.teacher(self.x)
                 loss = F.cross_entropy(self.student(self.x), self.y)
             else:
-                _, losses = self.distiller(self.x, self.y, epoch=10.0)
+                _, losses = self.distiller(self.x, self.y, epoch=10.0, indices=self.index)
                 loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
