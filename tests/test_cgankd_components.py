@@ -388,7 +388,8 @@ def test_ccgan_draws_real_neighbours_within_the_soft_vicinity():
     assert recipe.radius == pytest.approx(math.sqrt(-math.log(1e-3) / 100.0))
     targets, reals, real_labels = recipe._vicinal_reals(256, "cpu")
     assert ((real_labels - targets).abs() <= recipe.radius + 1e-6).all()
-    assert (targets >= 0).all() and (targets <= 1).all()
+    # targets are not clipped (the released CcGAN: clip_label=False), but each has a real neighbour
+    assert (targets >= -recipe.radius - 1e-6).all() and (targets <= 1 + recipe.radius + 1e-6).all()
     index = ((real_labels[:, None] - labels[None, :]).abs() < 1e-6).float().argmax(1)
     assert torch.equal(reals, images[index].float() / 127.5 - 1)
     out = recipe.train_step(Batch({"image": torch.zeros(16, 1, 8, 8)}, torch.zeros(16), torch.arange(16)),
@@ -414,3 +415,65 @@ def test_regression_chain_ccgan_autoencoder_dre_runs(tmp_path):
     r = ratio(generate(generator, labels, seed=0), labels)
     assert r.shape == (3,) and (r >= 0).all()
     assert load_checkpoint(tmp_path / "g" / "best.pt")["label_range"] is not None
+
+
+# ------------------------------------------------------------- audit against the released code
+def test_abs_error_filter_clips_the_prediction_to_the_label_scale_first():
+    """UTKFace/generate_synthetic_data.py: labels_pred = clip(pred, 0, 1), then |pred - label|."""
+    from reviewkd.cgankd.filtering import filter_scores
+
+    images = torch.zeros(4, 1, 1, 1, dtype=torch.uint8)
+    preds = lambda x: torch.tensor([-0.2, 0.4, 1.3, 0.9])  # noqa: E731
+    labels = torch.tensor([0.1, 0.6, 0.95, 0.0])
+    # by hand: clipped predictions 0, 0.4, 1, 0.9 -> errors 0.1, 0.2, 0.05, 0.9 (unclipped: 0.3, 0.2, 0.35, 0.9)
+    assert filter_scores(preds, images, labels, "abs_error").tolist() == pytest.approx([0.1, 0.2, 0.05, 0.9])
+    filt = TeacherFilter(preds, rho=0.5, scope="global", kind="abs_error").fit(images, labels)
+    assert filt.cutoff == pytest.approx(0.15)  # sorted 0.05, 0.1, 0.2, 0.9: position 1.5 -> 0.15
+    assert filt.keep(images, labels).tolist() == [True, False, True, False]  # strictly below
+
+
+def test_ccgan_fake_labels_are_uniform_on_the_vicinity_cut_to_the_unit_interval():
+    """UTKFace/train_ccgan.py: fake label ~ U(max(0, y - r), min(1, y + r)), r = sqrt(-log(1e-3) / nu);
+    a clamp of y + U(-r, r) would instead put mass on exactly 0 and 1."""
+    torch.manual_seed(0)
+    labels = torch.linspace(0, 1, 21)  # nu 100, r = sqrt(log(1000) / 100)
+    images = torch.randint(0, 256, (21, 1, 8, 8), dtype=torch.uint8)
+    G, D = Generator((1, 8, 8), None, "small", 4, 8), Discriminator((1, 8, 8), None, "small", 4)
+    recipe = GanRecipe(G, D, CganConfig(width=4, z_dim=8), images, labels)
+    r = math.sqrt(math.log(1000) / 100)
+    seen = {}
+    g_forward, d_forward = G.forward, D.forward
+    G.forward = lambda z, y: (seen.setdefault("fake", y.clone()), g_forward(z, y))[1]
+    D.forward = lambda x, y: (seen.setdefault("target", y.clone()), d_forward(x, y))[1]
+    n = 4000
+    recipe.train_step(Batch({"image": torch.zeros(n, 1, 8, 8)}, torch.zeros(n), torch.arange(n)),
+                      recipe.stages()[0], 0.0)
+    fake, target = seen["fake"].double(), seen["target"].double()
+    low, high = (target - r).clamp(min=0), (target + r).clamp(max=1)
+    assert ((fake >= low - 1e-6) & (fake <= high + 1e-6)).all()
+    assert not ((fake == 0) | (fake == 1)).any()
+    u = (fake - low) / (high - low)
+    assert u.mean().item() == pytest.approx(0.5, abs=0.02)  # U(0, 1): mean 1/2, variance 1/12
+    assert u.var().item() == pytest.approx(1 / 12, abs=0.01)
+    assert (target < 0).any()  # targets are not clipped
+
+
+def test_released_recipe_constants():
+    """The settings of the released scripts: UTKFace/scripts/run_gene_data.sh + UTKFace/opts.py (CcGAN Adam
+    lr 1e-4, betas (0.5, 0.999), z 256, no EMA; burn-in 100, batches of 500, 2000 fakes per label; DRE
+    Adam wd 1e-4; sparse AE SGD momentum 0.9 wd 1e-4) and CIFAR-100 train_cnn (SGD momentum 0.9, no
+    Nesterov) for the DRE extractor."""
+    from reviewkd.cgankd.pipeline import Pipeline
+
+    cfg = load_config("cgankd/utkface_final", ["output_dir=/tmp/reviewkd_audit_unused"])
+    p = Pipeline(cfg, say=lambda line: None)
+    gan, dre, ae = (p.stage_config(s) for s in ("gan", "dre", "dre_extractor"))
+    assert (gan.cgan.lr_g, gan.cgan.lr_d, tuple(gan.cgan.betas), gan.cgan.z_dim) == (1e-4, 1e-4, (0.5, 0.999), 256)
+    assert gan.cgan.ema_decay == 0.0 and gan.cgan.d_steps == 4 and gan.data.batch_size == 512
+    assert (cfg.cgankd.sampler_burn_in, cfg.cgankd.sample_batch, cfg.cgankd.pool_per_class) == (100, 500, 2000)
+    assert cfg.cgankd.rho == 0.7 and cfg.cgankd.num_fake == 60000
+    assert dre.solver.weight_decay == 1e-4 and tuple(dre.dre.betas) == (0.5, 0.999) and dre.dre.penalty == 0.01
+    assert (ae.solver.momentum, ae.solver.nesterov, ae.solver.weight_decay) == (0.9, False, 1e-4)
+    cfg = load_config("cgankd/cifar100_final", ["output_dir=/tmp/reviewkd_audit_unused"])
+    ext = Pipeline(cfg, say=lambda line: None).stage_config("dre_extractor")
+    assert (ext.solver.momentum, ext.solver.nesterov, ext.solver.weight_decay, ext.solver.lr) == (0.9, False, 1e-4, 0.1)

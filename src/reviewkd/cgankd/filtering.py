@@ -57,12 +57,13 @@ def teacher_function(path, device="cpu", batch_size: int = 500,
 
 
 def filter_scores(teacher: Callable, images: torch.Tensor, labels: torch.Tensor, kind: Kind) -> torch.Tensor:
-    """Per image: CE of the teacher's logits w.r.t. ``labels``, or |prediction - label|."""
+    """Per image: CE of the teacher's logits w.r.t. ``labels``, or |prediction - label| with the
+    prediction first clipped to the label scale [0, 1] (as the released regression filter does)."""
     outputs = teacher(images)
     if kind == "ce":
         return F.cross_entropy(outputs.float(), labels.long(), reduction="none")
     if kind == "abs_error":
-        return (outputs.float().view(-1) - labels.float()).abs()
+        return (outputs.float().view(-1).clamp(0.0, 1.0) - labels.float()).abs()
     raise ValueError(f"filter kind must be 'ce' or 'abs_error', got {kind!r}")
 
 

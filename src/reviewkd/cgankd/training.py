@@ -32,10 +32,11 @@ class GanRecipe(Recipe):
     t < ``ema_start`` and ``ema_decay`` after, over the whole state (BigGAN).
 
     Continuous labels (CcGAN, soft vicinity): per D step, target labels y = (a distinct training label
-    drawn uniformly) + N(0, sigma^2) noise, clipped to [0, 1]; each real image is drawn among the
-    training images whose label lies where the weight exp(-nu (y' - y)^2) exceeds
-    ``weight_threshold`` (the target's noise is redrawn while none does); fake labels uniformly in
-    that interval; both terms of the hinge loss weighted by those weights, D conditioned on y. The
+    drawn uniformly) + N(0, sigma^2) noise, not clipped (the released UTKFace run: clip_label=False);
+    each real image is drawn among the training images whose label lies where the weight
+    exp(-nu (y' - y)^2) exceeds ``weight_threshold`` (the target's noise is redrawn while none does);
+    fake labels uniformly in that interval intersected with [0, 1], U(max(0, y - r), min(1, y + r));
+    both terms of the hinge loss weighted by those weights, D conditioned on y. The
     G step draws targets the same way. The loader's real batch then only sets the batch size and
     the epoch length (the real images are drawn from the training set held here).
     """
@@ -101,16 +102,16 @@ class GanRecipe(Recipe):
         return torch.randint(0, self.generator.num_classes, (n,), device=device)
 
     def _targets(self, n: int, device) -> torch.Tensor:
-        """CcGAN target labels: a distinct training label plus noise, clipped to [0, 1]."""
+        """CcGAN target labels: a distinct training label plus noise (not clipped, as the reference)."""
         base = self.unique_labels[torch.randint(0, len(self.unique_labels), (n,), device=device)]
-        return (base + torch.randn(n, device=device) * self.sigma).clamp(0.0, 1.0)
+        return base + torch.randn(n, device=device) * self.sigma
 
     def _vicinal_reals(self, n: int, device):
         """(targets, real images in [-1, 1], their labels): one neighbour of each target."""
         base = self.unique_labels[torch.randint(0, len(self.unique_labels), (n,), device=device)]
         noise = torch.randn(n, device=device) * self.sigma
         for _ in range(100):  # redraw the noise of targets without a real neighbour (the reference's loop)
-            targets = (base + noise).clamp(0.0, 1.0)
+            targets = base + noise
             near = (self.real_labels[None, :] - targets[:, None]).abs() <= self.radius
             lonely = ~near.any(dim=1)
             if not bool(lonely.any()):
@@ -130,7 +131,9 @@ class GanRecipe(Recipe):
         z = torch.randn(n, G.z_dim, device=device)
         if self.continuous:
             targets, real, real_labels = self._vicinal_reals(n, device)
-            fake_labels = (targets + (2 * torch.rand(n, device=device) - 1) * self.radius).clamp(0.0, 1.0)
+            low = (targets - self.radius).clamp(min=0.0)  # U(max(0, y - r), min(1, y + r)), the reference's
+            high = (targets + self.radius).clamp(max=1.0)
+            fake_labels = low + (high - low) * torch.rand(n, device=device)
             with torch.no_grad():
                 fake = G(z, fake_labels)
             real_scores, fake_scores = D(aug(real), targets), D(aug(fake), targets)
