@@ -308,3 +308,54 @@ def test_densenet121_is_the_cifar_densenet_bc_of_the_cgankd_filter_teacher():
         taps.remove()
     assert [tuple(f.shape) for f in feats] == [(1, 256, 32, 32), (1, 512, 16, 16), (1, 1024, 8, 8), (1, 1024, 4, 4),
                                                (1, 1024, 1, 1)]
+
+
+# ------------------------------------------------------------------------------ the released label scaling
+def test_max_scaler_divides_by_the_largest_training_target():
+    from reviewkd.data.regression import TargetScaler
+
+    scaler = TargetScaler.fit(torch.tensor([2.0, 5.0, 10.0]), "max")
+    assert (scaler.a, scaler.b) == (0.0, 10.0)
+    assert scaler.normalise(torch.tensor([5.0, 1.0])).tolist() == pytest.approx([0.5, 0.1])
+    assert scaler.denormalise(torch.tensor([0.25])).item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="positive targets"):
+        TargetScaler.fit(torch.tensor([-3.0, -1.0]), "max")
+
+
+def test_normalise_max_puts_the_generator_labels_at_y_over_the_largest(tmp_path):
+    from reviewkd.data.regression import make_synthetic_regression
+    from reviewkd.tasks.cgan import real_training_data
+
+    root = make_synthetic_regression(tmp_path / "ages", n=40, image_size=16, seed=3)
+    ages = sorted(float(p.name.split("_")[0]) for p in root.iterdir())
+    for normalise in ("max", "minmax"):
+        cfg = load_config(None, ["task=cgan", "data.name=regression", f"data.root={root}", "data.image_size=16",
+                                 f"regression.normalise={normalise}", "regression.test_fraction=0.25"])
+        _, labels, label_range = real_training_data(cfg)
+        low = label_range[0]
+        # max: y / max (low 0, the smallest age above 0); minmax: the smallest training age at 0
+        assert low == 0.0 and min(labels.tolist()) > 0 if normalise == "max" else min(labels.tolist()) == 0.0
+        # the training part's targets, back from [0, 1] with the hand formula, are ages from the file names
+        back = sorted((labels.double() * (label_range[1] - low) + low).tolist())
+        assert all(min(abs(b - a) for a in ages) < 1e-4 for b in back)
+        assert max(labels.tolist()) == pytest.approx(1.0)
+
+
+@needs_fashion
+def test_integer_labels_truncate_the_teachers_relabelled_targets(tmp_path):
+    from reviewkd.cgankd.pipeline import Pipeline, StagePlan
+
+    root = make_rotated_fashion_mnist(tmp_path / "rot", n_train=32, n_test=8, seed=2)
+    top = max(float(p.name.split("_")[0]) for p in (root / "train").iterdir())
+    cfg = load_config("cgankd/rotated_fashion_mnist", [f"data.root={root}", "regression.normalise=max",
+                                                       "cgankd.integer_labels=true", f"output_dir={tmp_path}"])
+    pipeline = Pipeline(cfg, progress=False)
+    (pipeline.run_dir / "filter").mkdir(parents=True)
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    save_generated(pipeline.run_dir / "filter" / "kept.npz", images, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), {})
+    predictions = torch.tensor([0.25, 0.5, 0.999])  # the teacher's, on the generator's [0, 1] (= y / top)
+    pipeline._teacher = lambda: (lambda x: predictions[: len(x)])
+    out = tmp_path / "relabel.npz"
+    pipeline._stage_relabel(StagePlan("relabel", "process", out))
+    expected = [math.trunc(p * top) for p in predictions.double().tolist()]  # by hand: degrees, truncated
+    assert load_generated(out).labels.tolist() == expected

@@ -201,7 +201,7 @@ class RegressionConfig(_Section):
     target_column: str = "target"
     channels: Literal[1, 3] = 3
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    normalise: Literal["standard", "minmax", "none"] = "standard"  # targets, from the training set's values
+    normalise: Literal["standard", "minmax", "max", "none"] = "standard"  # targets, from the training set's values
     loss: Literal["mse", "l1"] = "mse"
     synthetic: Optional[dict[str, Any]] = None  # generate disc-radius images in data.root when it is missing
 
@@ -228,6 +228,7 @@ class CgankdConfig(_Section):
     sampler_burn_in: int = Field(5000, gt=0)  # rejection sampling: draws per label that set M
     sample_batch: int = Field(600, gt=0)
     recompute_normalisation: Optional[bool] = None  # None: yes for classification, no for regression
+    integer_labels: bool = False  # regression: relabelled targets truncated to integers (the released UTKFace ages)
     grid_per_class: int = Field(8, gt=0)  # images per row of the PNG grids
     nokd: dict[str, Any] = Field(default_factory=dict)
     gan: dict[str, Any] = Field(default_factory=dict)

@@ -265,7 +265,8 @@ class Pipeline:
             return None
         if not hasattr(self, "_labels"):
             _, targets = self._real_training_set()
-            self._labels = LabelMap(float(targets.min()), float(targets.max()))
+            low = 0.0 if self.cfg.regression.normalise == "max" else float(targets.min())  # as tasks/cgan.py
+            self._labels = LabelMap(low, float(targets.max()))
         return self._labels
 
     def _conditioning_labels(self, num_classes: Optional[int]) -> list:
@@ -384,6 +385,8 @@ class Pipeline:
             labels = new
         if not self.classification:  # [0, 1] -> the data's unit (degrees, years)
             labels = self._label_map().to_original(labels.double())
+            if self.c.integer_labels:  # the released UTKFace script casts ages to int (truncation)
+                labels = labels.trunc()
         record = {"fakes": len(kept), "adjusted": self.c.adjust}
         record.update({"labels_changed": changed} if self.classification else {"mean_label_shift": round(shift, 4)})
         save_generated(stage.output, kept.images, labels, {**kept.provenance, "stage": "relabel",
@@ -462,8 +465,8 @@ class Pipeline:
 
 @dataclass(frozen=True)
 class LabelMap:
-    """Regression labels: the data's unit <-> the generator's [0, 1] (min-max of the real training
-    targets, the CcGAN convention)."""
+    """Regression labels: the data's unit <-> the generator's [0, 1]: min-max of the real training
+    targets, or y / max (low = 0) with ``regression.normalise: max``, the released CcGAN's scaling."""
 
     low: float
     high: float

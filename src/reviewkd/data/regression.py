@@ -48,7 +48,7 @@ from .loader import TensorLoader, derive_seed
 
 PathLike = Union[str, os.PathLike]
 TensorPair = tuple[torch.Tensor, torch.Tensor]
-ScalerKind = Literal["standard", "minmax", "none"]
+ScalerKind = Literal["standard", "minmax", "max", "none"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Pixels are scaled to -1..1 (mean 0.5 / std 0.5 per channel), as in the cGAN-KD UTKFace recipe:
@@ -67,7 +67,8 @@ class TargetScaler:
     """``normalise(t) = (t - a) / b``; ``denormalise(y) = y * b + a``.
 
     ``kind``: ``"standard"`` (a = mean, b = POPULATION std, ddof=0, of the training targets),
-    ``"minmax"`` (a = min, b = max - min: training targets map to 0..1) or ``"none"`` (a=0, b=1).
+    ``"minmax"`` (a = min, b = max - min: training targets map to 0..1), ``"max"`` (a = 0, b = max:
+    targets divided by the largest, the cGAN-KD / CcGAN regression convention) or ``"none"`` (a=0, b=1).
     """
 
     kind: ScalerKind
@@ -75,8 +76,8 @@ class TargetScaler:
     b: float
 
     def __post_init__(self) -> None:
-        if self.kind not in ("standard", "minmax", "none"):
-            raise ValueError(f"target scaler kind must be 'standard', 'minmax' or 'none', got {self.kind!r}")
+        if self.kind not in ("standard", "minmax", "max", "none"):
+            raise ValueError(f"target scaler kind must be 'standard', 'minmax', 'max' or 'none', got {self.kind!r}")
         object.__setattr__(self, "a", float(self.a))
         object.__setattr__(self, "b", float(self.b))
         if not (math.isfinite(self.a) and math.isfinite(self.b) and self.b > 0):
@@ -94,8 +95,12 @@ class TargetScaler:
             a, b = t.mean().item(), t.std(correction=0).item()
         elif kind == "minmax":
             a, b = t.min().item(), (t.max() - t.min()).item()
+        elif kind == "max":
+            a, b = 0.0, t.max().item()
+            if b <= 0:
+                raise ValueError(f"normalise: max needs positive targets, the largest is {b}; use minmax or standard")
         else:
-            raise ValueError(f"normalise must be 'standard', 'minmax' or 'none', got {kind!r}")
+            raise ValueError(f"normalise must be 'standard', 'minmax', 'max' or 'none', got {kind!r}")
         # Constant targets (a tiny subset, say): only shift them, rather than divide by zero.
         return cls(kind, a, b if b > 0 else 1.0)
 

@@ -48,7 +48,8 @@ def real_training_data(cfg, split: str = "train") -> tuple[torch.Tensor, torch.T
                                   image_size=d.image_size, channels=r.channels, batch_size=2, device="cpu",
                                   seed=cfg.seed, subset=d.subset, augment=False, test_fraction=r.test_fraction,
                                   normalise="none")
-        low, high = b.train_targets.min().item(), b.train_targets.max().item()
+        # the generator's [0, 1]: y / max with `regression.normalise: max` (CcGAN's convention), else min-max
+        low, high = (0.0 if r.normalise == "max" else b.train_targets.min().item()), b.train_targets.max().item()
         loader = b.train if split == "train" else b.test
         labels = ((loader.labels.double() - low) / max(high - low, 1e-12)).float()
         return loader.images.cpu(), labels, [low, high]
