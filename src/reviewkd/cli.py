@@ -46,13 +46,16 @@ def _parser() -> argparse.ArgumentParser:
                    "height and width where the model allows; torchscript is kept for runtimes that need it "
                    "(PyTorch deprecates it)")
 
-    pr = sub.add_parser("predict", help="classify image files with a run checkpoint or an export: top-k classes "
-                        "with their probabilities", description="Classify PNG / JPEG images (grey or colour) with the "
-                        "preprocessing the model was trained with.")
+    pr = sub.add_parser("predict", help="classify image or video files with a run checkpoint or an export: top-k "
+                        "classes with their probabilities", description="Classify PNG / JPEG images (grey or colour) "
+                        "with the preprocessing the model was trained with; a task: video model classifies video "
+                        "files (.avi, .mp4, ..., read with PyAV) as its evaluation does: the softmax averaged over "
+                        "video.eval_clips evenly spaced clips.")
     pr.add_argument("model", metavar="CHECKPOINT_OR_EXPORT", help="best.pt / last.pt of a run, a folder written by "
                     "`reviewkd export`, or one exported file (.pt, .safetensors, .pt2, .torchscript.pt, .onnx)")
-    pr.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders (searched recursively)")
-    pr.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    pr.add_argument("images", nargs="+", metavar="FILES", help="image files (video files for a video model), or "
+                    "folders (searched recursively)")
+    pr.add_argument("--topk", type=int, default=5, help="classes shown per image or video (default 5)")
     pr.add_argument("--json", action="store_true", help="machine-readable output (one JSON document)")
     pr.add_argument("--format", default=None, help="which file of an export folder to use (default: the state "
                     "dict): pt, safetensors, pt2, torchscript or onnx")
@@ -169,11 +172,14 @@ def _cmd_export(args) -> int:
 def _cmd_predict(args) -> int:
     import json
 
-    from .predict import find_images, format_predictions, load_student
+    from .data.video import is_video_input
+    from .predict import find_images, find_videos, format_predictions, load_student
 
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1, got {args.topk}")
-    images = find_images(args.images)  # missing files and non-images are refused before the model loads
+    # missing files, non-images and non-videos (and a missing PyAV) are refused before the model loads
+    videos = any(is_video_input(p) for p in args.images)
+    images = find_videos(args.images) if videos else find_images(args.images)
     student = load_student(args.model, format=args.format)
     predictions = student.predict(images, topk=args.topk)
     print(json.dumps(predictions, indent=2) if args.json else format_predictions(predictions))

@@ -2,7 +2,8 @@
 ``last.pt``), an export folder written by ``reviewkd export`` (its ``model.json`` names the files)
 or one exported file (``.pt``, ``.safetensors``, ``.pt2``, ``.torchscript.pt``, ``.onnx``), and
 returns a :class:`LoadedStudent`: the eval-mode network, its metadata (classes, input size,
-preprocessing, ...) and ``preprocess`` / ``predict`` for image files.
+preprocessing, ...) and ``preprocess`` / ``predict`` for image files (video files for a ``task:
+video`` network of clips, scored as evaluation scores a video: the softmax averaged over its clips).
 
 A folder is read through its state dict by default (``.pt``, then ``.safetensors``, ``.pt2``,
 TorchScript, ONNX: the first present); ``format=`` picks another. Networks from state dicts are
@@ -22,6 +23,7 @@ import torch
 
 from .config import validate
 from .data.preprocessing import ImageLike, ImagePreprocessor, find_images, open_image
+from .data.video import VIDEO_SUFFIXES, VideoPreprocessor, find_videos
 from .engine.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .export import (EXPORT_FORMAT, META_EXTRA_FILE, META_FILE, META_KEY, SUFFIXES, deployment_metadata,
                      student_from_checkpoint)
@@ -30,7 +32,7 @@ from .tasks import get_task
 from .tasks.base import quiet_torchscript
 
 FORMAT_PREFERENCE = ("pt", "safetensors", "pt2", "torchscript", "onnx")
-PREDICTABLE_TASKS = ("classification", "regression")
+PREDICTABLE_TASKS = ("classification", "regression", "video")
 _REEXPORT = "export the run again with `reviewkd export CHECKPOINT`"
 
 
@@ -219,7 +221,7 @@ class LoadedStudent:
     meta: dict
     format: str
     path: Path
-    _preprocessor: Optional[ImagePreprocessor] = field(default=None, repr=False)
+    _preprocessor: Union[ImagePreprocessor, VideoPreprocessor, None] = field(default=None, repr=False)
 
     @property
     def task(self) -> str:
@@ -239,10 +241,28 @@ class LoadedStudent:
 
     def preprocess(self, images: Union[ImageLike, Sequence[ImageLike]]):
         """Image files or PIL images -> the model's input, exactly as evaluation prepared images
-        (``meta["preprocessing"]``): one N x C x H x W tensor, or a list for detectors."""
+        (``meta["preprocessing"]``): one N x C x H x W tensor, or a list for detectors. A video
+        model takes video files: K clips each (``eval_clips``), one (N * K) x 3 x T x H x W tensor."""
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+            images = [images]
+        self._check_kind(images)
+        return self._prepare()(images)
+
+    def _prepare(self) -> Union[ImagePreprocessor, VideoPreprocessor]:
         if self._preprocessor is None:
-            self._preprocessor = ImagePreprocessor(self.meta["preprocessing"])
-        return self._preprocessor(images)
+            spec = self.meta["preprocessing"]
+            self._preprocessor = VideoPreprocessor(spec) if self.task == "video" else ImagePreprocessor(spec)
+        return self._preprocessor
+
+    def _check_kind(self, inputs: Sequence) -> None:
+        """Video files for a video model, images for the others (by the files' suffixes)."""
+        is_video = [isinstance(x, (str, os.PathLike)) and Path(x).suffix.lower() in VIDEO_SUFFIXES for x in inputs]
+        if self.task == "video" and not all(is_video):
+            raise ValueError(f"{self.path} holds a video model: give video files ({', '.join(VIDEO_SUFFIXES)}), "
+                             f"not {inputs[is_video.index(False)]}")
+        if self.task != "video" and any(is_video):
+            raise ValueError(f"{inputs[is_video.index(True)]} is a video but {self.path} holds an image model: "
+                             f"give image files")
 
     def __call__(self, inputs) -> Any:
         """The model's outputs for a prepared input (a tensor, or a list of tensors for detectors)
@@ -257,48 +277,55 @@ class LoadedStudent:
                 batch_size: int = 64) -> list[dict]:
         """Per image: ``{"image", "top": [{"index", "class", "probability"}, ...]}`` with the
         ``topk`` most probable classes (all of them when there are fewer), or ``{"image",
-        "value"}`` in the targets' unit for a regressor."""
+        "value"}`` in the targets' unit for a regressor. A video model takes video files and gives
+        ``{"video", "top"}``: the softmax averaged over the video's clips, as evaluation scores it
+        (``batch_size`` then counts clips)."""
         if self.task not in PREDICTABLE_TASKS:
-            raise ValueError(f"predict is for classification (and regression): {self.path} holds a {self.task} "
-                             f"model; call the loaded model on .preprocess(images) for its raw outputs")
+            raise ValueError(f"predict is for classification (images or videos) and regression: {self.path} holds "
+                             f"a {self.task} model; call the loaded model on .preprocess(images) for its raw outputs")
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive whole number, got {topk!r}")
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             images = [images]
+        self._check_kind(images)
+        key = "video" if self.task == "video" else "image"
+        step = max(1, batch_size // self._prepare().clips) if key == "video" else batch_size
         results = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
+        for start in range(0, len(images), step):
+            chunk = images[start:start + step]
             outputs = torch.as_tensor(self(chunk)).float()
             names = [str(im) if isinstance(im, (str, os.PathLike)) else f"image {start + i}"
                      for i, im in enumerate(chunk)]
-            results.extend(self._describe(names, outputs, topk))
+            results.extend({key: n, **p} for n, p in zip(names, self._describe(outputs, len(chunk), topk)))
         return results
 
-    def _describe(self, names: list[str], outputs: torch.Tensor, topk: int) -> list[dict]:
+    def _describe(self, outputs: torch.Tensor, n: int, topk: int) -> list[dict]:
+        """``{"value"}`` or ``{"top"}`` for each of the ``n`` inputs whose outputs these are (a
+        video's K clips: their softmax averaged, as video evaluation does)."""
         if self.task == "regression":
             from .data.regression import TargetScaler
 
             values = TargetScaler.from_dict(self.meta["target_scaler"]).denormalise(outputs.view(-1).double())
-            return [{"image": n, "value": v} for n, v in zip(names, values.tolist())]
-        probabilities = torch.softmax(outputs, dim=1)
+            return [{"value": v} for v in values.tolist()]
+        probabilities = torch.softmax(outputs, dim=1).view(n, -1, outputs.shape[1]).mean(1)
         top = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
         classes = self.class_names
-        return [{"image": n, "top": [{"index": i, "class": classes[i], "probability": p}
-                                     for p, i in zip(ps.tolist(), idx.tolist())]}
-                for n, ps, idx in zip(names, top.values, top.indices)]
+        return [{"top": [{"index": i, "class": classes[i], "probability": p} for p, i in zip(ps.tolist(), idx.tolist())]}
+                for ps, idx in zip(top.values, top.indices)]
 
 
 def format_predictions(predictions: list[dict]) -> str:
-    """Text for people: the image, then one line per class with its probability (or the value)."""
+    """Text for people: the image (or video), then one line per class with its probability (or the value)."""
     lines = []
     for p in predictions:
+        name = p["video"] if "video" in p else p["image"]
         if "value" in p:
-            lines.append(f"{p['image']}: {p['value']:.4g}")
+            lines.append(f"{name}: {p['value']:.4g}")
             continue
-        lines.append(p["image"])
+        lines.append(name)
         lines.extend(f"  {t['probability'] * 100:6.2f}%  {t['class']}" for t in p["top"])
     return "\n".join(lines)
 
 
-__all__ = ["FORMAT_PREFERENCE", "LoadedStudent", "OnnxModel", "find_images", "format_predictions", "load_student",
-           "open_image", "read_export"]
+__all__ = ["FORMAT_PREFERENCE", "LoadedStudent", "OnnxModel", "find_images", "find_videos", "format_predictions",
+           "load_student", "open_image", "read_export"]

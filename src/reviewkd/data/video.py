@@ -16,7 +16,8 @@ per output pixel when it shrinks) to ``size`` x ``size``, and a horizontal flip 
 0.5 per clip. Evaluation: items are videos; each gives ``eval_clips`` clips starting at evenly
 spaced frames (``round(linspace(0, F - T, K))``), with the central square of the frame resized to
 ``size`` (the reference's short-side resize + centre crop); evaluation batches hold K clips per
-video, video after video (``meta["clips"]`` = K).
+video, video after video (``meta["clips"]`` = K). :class:`VideoPreprocessor` prepares video files
+for inference the same way.
 
 Randomness is drawn from ``(seed, epoch, ...)`` per batch (spatial, on the device) and per video
 (temporal crop of file-based sets, in the workers), so a resumed run sees the same batches.
@@ -280,14 +281,28 @@ def read_frames(path: Path, wanted: Sequence[int] | None, load_size: tuple[int, 
 
         frames = [_resize(np.asarray(Image.open(files[i]).convert("RGB")), load_size) for i in wanted]
         return np.stack(frames), len(files)
+    decoded = decode_video(path)
+    if wanted is None:
+        return np.zeros((0,)), len(decoded)
+    return np.stack([_resize(decoded[i], load_size) for i in wanted]), len(decoded)
+
+
+def decode_video(path: Path) -> list[np.ndarray]:
+    """Every frame of a video file (PyAV), uint8 H x W x 3 RGB."""
     av = av_module()
     with av.open(str(path)) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     if not decoded:
         raise ValueError(f"{path} holds no video frames")
-    if wanted is None:
-        return np.zeros((0,)), len(decoded)
-    return np.stack([_resize(decoded[i], load_size) for i in wanted]), len(decoded)
+    return decoded
+
+
+def clips_of(decoded: Sequence[np.ndarray], starts: Sequence[int], frames: int, load_size) -> np.ndarray:
+    """uint8 K x T x H x W x 3: a clip of ``frames`` frames from each start (looped when the video
+    is short), every frame resized to ``load_size``."""
+    count = len(decoded)
+    return np.stack([np.stack([_resize(decoded[f], load_size) for f in clip_indices(count, s, frames)])
+                     for s in starts])
 
 
 def load_audio_vector(folder: Optional[Path], name: str, dim: int) -> tuple[np.ndarray, bool]:
@@ -340,15 +355,8 @@ class FileClipDataset(Dataset):
         return clip_starts(count, self.frames, self.eval_clips)
 
     def _clips_from_file(self, path: Path, i: int):
-        av = av_module()
-        with av.open(str(path)) as container:
-            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        if not decoded:
-            raise ValueError(f"{path} holds no video frames")
-        count = len(decoded)
-        clips = np.stack([np.stack([_resize(decoded[f], self.load_size) for f in clip_indices(count, s, self.frames)])
-                          for s in self._starts(count, i)])
-        return clips, count
+        decoded = decode_video(path)
+        return clips_of(decoded, self._starts(len(decoded), i), self.frames, self.load_size), len(decoded)
 
 
 class FileClipLoader(_Common):
@@ -386,3 +394,69 @@ class FileClipLoader(_Common):
             video = self.augment(video, self.train, generator)
             yield self._batch(video, labels.to(self.device), audio.to(self.device), present.to(self.device), None,
                               index.to(self.device), generator, k)
+
+
+# ----------------------------------------------------------------------------- inference
+def is_video_input(path) -> bool:
+    """A video file by its suffix, or a folder with one below it."""
+    path = Path(path)
+    if path.is_dir():
+        return any(f.suffix.lower() in VIDEO_SUFFIXES for f in path.rglob("*"))
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def find_videos(paths: Sequence) -> list[Path]:
+    """Video files as given, and those below folders (by suffix, sorted); every file's header is
+    read with PyAV, so a file that is no video is refused before any model runs."""
+    av = av_module()
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
+            if not inside:
+                raise FileNotFoundError(f"folder {p} holds no video files ({', '.join(VIDEO_SUFFIXES)})")
+            found.extend(inside)
+        elif not p.is_file():
+            raise FileNotFoundError(f"video not found: {p}")
+        elif p.suffix.lower() not in VIDEO_SUFFIXES:
+            raise ValueError(f"{p} is not a video file: give {', '.join(VIDEO_SUFFIXES)} files (images and videos "
+                             f"are not mixed)")
+        else:
+            found.append(p)
+    for f in found:
+        try:
+            with av.open(str(f)) as container:
+                has_video = bool(container.streams.video)
+        except (av.FFmpegError, OSError) as exc:
+            raise ValueError(f"{f} is not a video that can be decoded ({type(exc).__name__})") from None
+        if not has_video:
+            raise ValueError(f"{f} holds no video stream")
+    return found
+
+
+class VideoPreprocessor:
+    """Video files -> the clips evaluation scores (``VideoTask.preprocessing`` spec): ``eval_clips``
+    evenly spaced clips of ``frames`` frames per video, frames resized to ``load_size``, the central
+    square resized to ``size`` and normalised; float (N * K) x 3 x T x size x size, video after video."""
+
+    KEYS = ("frames", "size", "load_size", "mean", "std", "eval_clips")
+
+    def __init__(self, spec: Optional[dict]):
+        if not spec or spec.get("input") != "video":
+            raise ValueError(f"predict reads video files for networks of clips; this one consumes "
+                             f"{(spec or {}).get('input', 'unknown')} input: call the model on prepared tensors")
+        missing = [k for k in self.KEYS if k not in spec]
+        if missing:
+            raise ValueError(f"the video preprocessing lacks {', '.join(missing)}: re-export the model with "
+                             f"`reviewkd export`")
+        self.frames, self.clips, self.load_size = spec["frames"], spec["eval_clips"], tuple(spec["load_size"])
+        self.augment = ClipAugment(spec["size"], tuple(spec["mean"]), tuple(spec["std"]), flip=False)
+
+    def __call__(self, videos: Sequence) -> torch.Tensor:
+        clips = []
+        for path in map(Path, videos):
+            decoded = decode_video(path)
+            starts = clip_starts(len(decoded), self.frames, self.clips)
+            clips.append(torch.from_numpy(clips_of(decoded, starts, self.frames, self.load_size)))
+        video = torch.cat(clips).permute(0, 4, 1, 2, 3).float()  # K x T x H x W x 3 -> K x 3 x T x H x W
+        return self.augment(video, train=False)

@@ -267,6 +267,9 @@ class VideoTask(ClassificationTask):
                     "log_mel": None if cfg.data.name != "av_fashion_mnist" else {
                         "sample_rate": av.SAMPLE_RATE, "n_fft": av.N_FFT, "hop": av.HOP, "n_mels": av.N_MELS,
                         "f_max": av.F_MAX, "seconds": av.WINDOW_SECONDS}}
+        # frames read from files are resized to load_size; the embedded set holds them at size x size
+        load_size = [v.size, v.size] if cfg.data.name == "av_fashion_mnist" else list(v.load_size)
         return {"input": kind, "layout": "N x 3 x T x H x W" if kind == "video" else "N x 3 x H x W",
-                "frames": v.frames if kind == "video" else 1, "size": v.size, "resize": "short side to size, centre crop",
+                "frames": v.frames if kind == "video" else 1, "size": v.size, "load_size": load_size,
+                "resize": "frames to load_size (H, W), bilinear; their central square to size x size",
                 "scale": "0..1", "mean": list(v.mean), "std": list(v.std), "eval_clips": v.eval_clips}
