@@ -102,20 +102,27 @@ def open_image(path: Union[str, os.PathLike], decode: bool = True) -> Image.Imag
                          f"give PNG or JPEG files") from None
 
 
-def find_images(paths: Sequence[Union[str, os.PathLike]]) -> list[Path]:
-    """Files as given, and the image files (by extension, sorted) anywhere below folders; every
-    file's header is read, so a file that is no image is refused before any model runs."""
+def expand_folders(paths: Sequence[Union[str, os.PathLike]], suffixes: Sequence[str], kind: str) -> list[Path]:
+    """Files as given, and the files with one of ``suffixes`` (sorted) anywhere below folders;
+    missing paths and folders without such files are refused (``kind``: "image", "video")."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
             if not inside:
-                raise FileNotFoundError(f"folder {p} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+                raise FileNotFoundError(f"folder {p} holds no {kind} files ({', '.join(suffixes)})")
             found.extend(inside)
         elif p.is_file():
             found.append(p)
         else:
-            raise FileNotFoundError(f"image not found: {p}")
+            raise FileNotFoundError(f"{kind} not found: {p}")
+    return found
+
+
+def find_images(paths: Sequence[Union[str, os.PathLike]]) -> list[Path]:
+    """Files as given, and the image files (by extension, sorted) anywhere below folders; every
+    file's header is read, so a file that is no image is refused before any model runs."""
+    found = expand_folders(paths, IMAGE_EXTENSIONS, "image")
     for f in found:
         open_image(f, decode=False)
     return found

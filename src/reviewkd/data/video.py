@@ -38,6 +38,7 @@ from torchvision.ops import roi_align
 from ..batch import Batch
 from .imagefolder import ShardSampler
 from .loader import derive_seed
+from .preprocessing import expand_folders
 
 _ORDER, _AUGMENT, _TEMPORAL = 0, 1, 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -409,21 +410,11 @@ def find_videos(paths: Sequence) -> list[Path]:
     """Video files as given, and those below folders (by suffix, sorted); every file's header is
     read with PyAV, so a file that is no video is refused before any model runs."""
     av = av_module()
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
-            if not inside:
-                raise FileNotFoundError(f"folder {p} holds no video files ({', '.join(VIDEO_SUFFIXES)})")
-            found.extend(inside)
-        elif not p.is_file():
-            raise FileNotFoundError(f"video not found: {p}")
-        elif p.suffix.lower() not in VIDEO_SUFFIXES:
-            raise ValueError(f"{p} is not a video file: give {', '.join(VIDEO_SUFFIXES)} files (images and videos "
-                             f"are not mixed)")
-        else:
-            found.append(p)
+    found = expand_folders(paths, VIDEO_SUFFIXES, "video")
     for f in found:
+        if f.suffix.lower() not in VIDEO_SUFFIXES:
+            raise ValueError(f"{f} is not a video file: give {', '.join(VIDEO_SUFFIXES)} files (images and videos "
+                             f"are not mixed)")
         try:
             with av.open(str(f)) as container:
                 has_video = bool(container.streams.video)
