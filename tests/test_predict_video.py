@@ -4,8 +4,6 @@ computation of the evaluation (evenly spaced clips, central square, normalisatio
 over the clips); the preprocessing equals the evaluation loader's, and bad inputs are one line."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -16,10 +14,10 @@ import torch
 from PIL import Image
 
 import reviewkd
-from reviewkd.cli import main
 from reviewkd.config import validate
 from reviewkd.engine.checkpoint import FORMAT
 from reviewkd.models import create_model
+from test_cli import run_quiet as run
 
 av = pytest.importorskip("av")
 
@@ -27,13 +25,6 @@ CLASSES = ["archery", "bowling", "cutting"]
 # Not the Kinetics defaults: the constants must come from the checkpoint's config.
 MEAN, STD = (0.40, 0.45, 0.50), (0.20, 0.25, 0.30)
 VIDEO = {"frames": 4, "size": 16, "load_size": [16, 24], "eval_clips": 3, "mean": list(MEAN), "std": list(STD)}
-
-
-def run(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def write_video(path: Path, frames: int, height: int, width: int) -> Path:
