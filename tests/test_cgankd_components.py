@@ -186,6 +186,24 @@ def test_adjuster_hard_argmax_and_clipped_prediction():
     assert adjust_labels(preds, images, "abs_error").tolist() == pytest.approx([0.0, 0.4, 1.0])
 
 
+def test_filter_takes_the_adjusted_label_from_the_pass_that_scored_the_image():
+    # the released filter reads CE and argmax off one pass through the (augmenting) transform
+    images = torch.tensor([[[[10, 200]]], [[[200, 10]]], [[[90, 100]]]], dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0])
+    teacher = lambda x: torch.stack([x.float()[:, 0, 0, 0], x.float()[:, 0, 0, 1]], dim=1) / 50  # noqa: E731
+    flip = lambda x: x.flip(-1)  # noqa: E731  (a deterministic stand-in for crop + flip)
+    filt = TeacherFilter(teacher, rho=1.0, scope="global", kind="ce", augment=flip)
+    filt.cutoff = float("inf")
+    keep, adjusted = filt.judge(images, labels)
+    assert keep.all()
+    assert adjusted.tolist() == teacher(flip(images)).argmax(1).tolist() == [0, 1, 0]
+    assert adjust_labels(teacher, images, "ce").tolist() == [1, 0, 1]  # the un-augmented view disagrees
+    ce = torch.nn.functional.cross_entropy(teacher(flip(images)), labels, reduction="none")
+    assert ce[2] > ce[0] == pytest.approx(ce[1])
+    filt.cutoff = ce[2].item()  # strictly below: the two confident images stay, the unsure one goes
+    assert filt.judge(images, labels)[0].tolist() == [True, True, False]
+
+
 # ------------------------------------------------------------------------------------- GAN
 @pytest.mark.parametrize("arch,shape,classes", [("small", (1, 28, 28), 10), ("small", (3, 32, 32), None),
                                                 ("biggan32", (3, 32, 32), 100)])
@@ -313,7 +331,8 @@ def test_generate_and_to_uint8():
     a = generate(G, torch.tensor([0, 1, 2, 0]), batch_size=3, seed=5)
     b = generate(G, torch.tensor([0, 1, 2, 0]), batch_size=3, seed=5)
     assert a.shape == (4, 1, 8, 8) and torch.equal(a, b)
-    assert to_uint8(torch.tensor([-1.0, 0.0, 1.0, 2.0])).tolist() == [0, 128, 255, 255]
+    # released: (x * 0.5 + 0.5) * 255 truncated by astype(uint8); 0.999 -> 254.87 -> 254
+    assert to_uint8(torch.tensor([-1.0, 0.0, 0.999, 1.0, 2.0, -0.999])).tolist() == [0, 127, 254, 255, 255, 0]
 
 
 # ------------------------------------------------------------------------------ engine runs

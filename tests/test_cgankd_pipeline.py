@@ -35,6 +35,11 @@ def test_store_round_trip_keeps_images_labels_and_provenance(tmp_path):
     targets = torch.tensor([0.5, 1.25, 2.0], dtype=torch.float64)
     back = load_generated(save_generated(tmp_path / "r.npz", images[:3], targets, {}))
     assert back.labels.dtype == torch.float64 and torch.equal(back.labels, targets)
+    assert back.teacher_labels is None
+    back = load_generated(save_generated(tmp_path / "t.npz", images[:3], labels[:3], {}, teacher_labels=[2, 0, 1]))
+    assert back.teacher_labels.tolist() == [2, 0, 1] and back.teacher_labels.dtype == torch.int64
+    with pytest.raises(ValueError, match="teacher_labels"):
+        save_generated(tmp_path / "bad.npz", images[:3], labels[:3], {}, teacher_labels=[1, 2])
 
 
 def test_store_refuses_foreign_and_missing_files(tmp_path):
@@ -59,8 +64,12 @@ def test_balanced_subsampling_gives_exactly_mg_over_c_per_class_remainder_on_the
     # seeded: the same draw for the same seed, another for another seed
     assert torch.equal(mixed.balanced_subsample(labels, 37, 10, 1), mixed.balanced_subsample(labels, 37, 10, 1))
     assert not torch.equal(mixed.balanced_subsample(labels, 37, 10, 1), mixed.balanced_subsample(labels, 37, 10, 2))
-    with pytest.raises(ValueError, match="pool_per_class"):
-        mixed.balanced_subsample(labels, 10 * 51, 10)
+    # as released: a class short of its share gives all it holds; a pool of at most M^g is used whole
+    short = torch.cat([labels[labels != 3], torch.full((4,), 3)])
+    counts = torch.bincount(short[mixed.balanced_subsample(short, 100, 10, seed=0)], minlength=10).tolist()
+    assert counts == [10, 10, 10, 4, 10, 10, 10, 10, 10, 10]
+    assert mixed.balanced_subsample(labels, 500, 10).tolist() == list(range(500))
+    assert mixed.balanced_subsample(labels, 10 * 51, 10).tolist() == list(range(500))
     keep = mixed.uniform_subsample(100, 30, seed=0)
     assert len(keep) == 30 == len(set(keep.tolist())) and keep.max() < 100
 
@@ -214,8 +223,14 @@ def test_the_scarce_label_pipeline_runs_end_to_end_and_skips_finished_stages(tmp
     assert 0 < stages["sample"]["acceptance_rate"] <= 1 and stages["filter"]["kept"] == 10 * c.pool_per_class
     run = tmp_path / "cgankd_fashion_mnist_scarce_quick"
     generated = load_generated(run / "mixed" / "generated.npz")
-    conditioning = load_generated(run / "filter" / "kept.npz")
-    assert len(generated) == 60 and generated.images.shape[1:] == (1, 28, 28)
+    kept = load_generated(run / "filter" / "kept.npz")
+    relabelled = load_generated(run / "relabel" / "fakes.npz")
+    assert torch.equal(relabelled.labels, kept.teacher_labels)  # the filter's own pass gave the new labels
+    # balanced over the adjusted labels: 6 per class, or all a class has (the quick teacher is weak)
+    available = torch.bincount(relabelled.labels, minlength=10)
+    assert torch.bincount(generated.labels, minlength=10).tolist() == available.clamp(max=6).tolist()
+    assert generated.provenance["short_classes"] == {str(c): int(n) for c, n in enumerate(available) if n < 6}
+    assert generated.images.shape[1:] == (1, 28, 28)
     assert generated.provenance["stage"] == "mixed" and "acceptance_rate" in generated.provenance
     student = torch.load(run / "student" / "best.pt", weights_only=False)
     assert student["config"]["data"]["generated"] == str(run / "mixed" / "generated.npz")
@@ -223,7 +238,6 @@ def test_the_scarce_label_pipeline_runs_end_to_end_and_skips_finished_stages(tmp
     assert student["config"]["data"]["mean"] == stats["mean"]
     assert student["config"]["model"]["weights"] == str(run / "nokd" / "best.pt")  # final: fine-tuned from NOKD
     assert (run / "samples_per_class.png").is_file() and (run / "summary.md").is_file()
-    del conditioning
     # a second run finds every output and trains nothing
     lines.clear()
     Pipeline(cfg, quick=True, progress=False, say=lines.append).run()

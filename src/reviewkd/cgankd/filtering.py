@@ -6,7 +6,9 @@ was generated for (classification, ``kind="ce"``) or the teacher's absolute erro
 numpy's default) of burn-in scores: per class (the final classification version: ``scope=
 "per_class"``) or over all samples at once (v1 and regression: ``scope="global"``). Kept: scores
 strictly below the cut-off, so about ``rho`` of the images survive. Adjustment (after filtering):
-the teacher's hard argmax, or its prediction clipped to [0, 1].
+the teacher's hard argmax, or its prediction clipped to [0, 1]; ``TeacherFilter.judge`` takes it
+from the same teacher pass as the score, as the released filter does (with the final version's
+augmented pass, the argmax of that cropped / flipped view).
 
 A teacher here is a callable: uint8 images N x C x H x W -> logits (classification) or predictions
 on the generator's label scale [0, 1] (regression); ``teacher_function`` makes one from a trained
@@ -59,12 +61,23 @@ def teacher_function(path, device="cpu", batch_size: int = 500,
 def filter_scores(teacher: Callable, images: torch.Tensor, labels: torch.Tensor, kind: Kind) -> torch.Tensor:
     """Per image: CE of the teacher's logits w.r.t. ``labels``, or |prediction - label| with the
     prediction first clipped to the label scale [0, 1] (as the released regression filter does)."""
-    outputs = teacher(images)
+    return _scores(teacher(images), labels, kind)
+
+
+def _scores(outputs: torch.Tensor, labels: torch.Tensor, kind: Kind) -> torch.Tensor:
     if kind == "ce":
         return F.cross_entropy(outputs.float(), labels.long(), reduction="none")
     if kind == "abs_error":
         return (outputs.float().view(-1).clamp(0.0, 1.0) - labels.float()).abs()
     raise ValueError(f"filter kind must be 'ce' or 'abs_error', got {kind!r}")
+
+
+def _adjusted(outputs: torch.Tensor, kind: Kind) -> torch.Tensor:
+    if kind == "ce":
+        return outputs.argmax(dim=1).long()
+    if kind == "abs_error":
+        return outputs.float().view(-1).clamp(0.0, 1.0)
+    raise ValueError(f"kind must be 'ce' or 'abs_error', got {kind!r}")
 
 
 class TeacherFilter:
@@ -83,10 +96,11 @@ class TeacherFilter:
         self.cutoff: Optional[float] = None
         self.cutoffs: dict[int, float] = {}
 
+    def _outputs(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher(self.augment(images) if self.augment is not None else images)
+
     def scores(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.augment is not None:
-            images = self.augment(images)
-        return filter_scores(self.teacher, images, labels, self.kind)
+        return _scores(self._outputs(images), labels, self.kind)
 
     def fit(self, images: torch.Tensor, labels: torch.Tensor) -> "TeacherFilter":
         """Cut-off(s) from burn-in images: the rho-quantile of their scores, per class or global."""
@@ -100,16 +114,23 @@ class TeacherFilter:
 
     def keep(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the images whose score is strictly below their cut-off."""
-        scores = self.scores(images, labels).double()
-        if self.scope == "global":
-            if self.cutoff is None:
-                raise RuntimeError("call fit() on burn-in samples before keep()")
-            return scores < self.cutoff
-        missing = set(labels.long().unique().tolist()) - set(self.cutoffs)
+        return self.judge(images, labels)[0]
+
+    def judge(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep mask, the teacher's adjusted labels) from one teacher pass, as the released filter
+        takes both the CE and the argmax from the same (possibly augmented) outputs."""
+        if self.scope == "global" and self.cutoff is None:
+            raise RuntimeError("call fit() on burn-in samples before keep()")
+        missing = set() if self.scope == "global" else set(labels.long().unique().tolist()) - set(self.cutoffs)
         if missing:
             raise RuntimeError(f"no cut-off for class(es) {sorted(missing)}: fit() on burn-in samples of them first")
-        cut = torch.tensor([self.cutoffs[c] for c in labels.long().tolist()], dtype=torch.float64)
-        return scores < cut
+        outputs = self._outputs(images)
+        scores = _scores(outputs, labels, self.kind).double()
+        if self.scope == "global":
+            cut = torch.tensor(self.cutoff, dtype=torch.float64)
+        else:
+            cut = torch.tensor([self.cutoffs[c] for c in labels.long().tolist()], dtype=torch.float64)
+        return scores < cut, _adjusted(outputs, self.kind)
 
     def collect(self, sampler, label: int, n: int, seed: int = 0, chunk: int = 2500) -> tuple[torch.Tensor, dict]:
         """The final version's per-class loop: ``burn_in`` sampled images of ``label`` set its cut-off,
@@ -131,9 +152,4 @@ class TeacherFilter:
 @torch.inference_mode()
 def adjust_labels(teacher: Callable, images: torch.Tensor, kind: Kind = "ce") -> torch.Tensor:
     """The teacher's hard label (argmax, int64) or its prediction clipped to [0, 1] (float)."""
-    outputs = teacher(images)
-    if kind == "ce":
-        return outputs.argmax(dim=1).long()
-    if kind == "abs_error":
-        return outputs.float().view(-1).clamp(0.0, 1.0)
-    raise ValueError(f"kind must be 'ce' or 'abs_error', got {kind!r}")
+    return _adjusted(teacher(images), kind)

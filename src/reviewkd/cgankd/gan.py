@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+BN_EPS = 1e-5  # BigGAN-PyTorch's BN_eps default (the released scripts keep it); torch's default too
+
 # ----------------------------------------------------------------------------- spectral norm
 
 
@@ -101,7 +103,7 @@ class ConditionalBatchNorm(nn.Module):
 
     def __init__(self, channels: int, num_classes: Optional[int], embed_dim: int = 128):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=False, eps=1e-4, momentum=0.1)
+        self.bn = nn.BatchNorm2d(channels, affine=False, eps=BN_EPS, momentum=0.1)
         dim = channels if num_classes is not None else embed_dim
         self.gain_embed = LabelEmbedding(num_classes, dim)
         self.bias_embed = LabelEmbedding(num_classes, dim)
@@ -193,7 +195,7 @@ class Generator(nn.Module):
         widths = [m * self.width for m in spec["g"]]
         self.linear = sn_linear(self.z_dim, widths[0] * self.bottom ** 2)
         self.blocks = nn.ModuleList(GeneratorBlock(a, b, num_classes) for a, b in zip(widths[:-1], widths[1:]))
-        self.out_bn = nn.BatchNorm2d(widths[-1], eps=1e-4)
+        self.out_bn = nn.BatchNorm2d(widths[-1], eps=BN_EPS)
         self.out_conv = sn_conv(widths[-1], channels)
         init_n02(self)
 
@@ -382,8 +384,9 @@ def generate(generator: Generator, labels: torch.Tensor, batch_size: int = 500, 
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 0..255: (x + 1) * 127.5 rounded to the nearest integer."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5 + 0.5).floor().clamp(0, 255).to(torch.uint8)
+    """[-1, 1] floats -> uint8 0..255 as the released code stores fakes: (x * 0.5 + 0.5) * 255 in
+    float32, truncated (numpy's astype(uint8)), so 0.0 -> 127 and only 1.0 reaches 255."""
+    return ((images.float().clamp(-1, 1) * 0.5 + 0.5) * 255.0).floor().to(torch.uint8)
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The student's training set in cGAN-KD: the real training set plus M^g processed fakes.
 
 * ``balanced_subsample``: classification draws M^g // C fakes from every class and the remainder
-  M^g - C * (M^g // C) more from the last class (as the released code does), each class's draw
-  without replacement from a seeded permutation of that class's pool;
+  M^g - C * (M^g // C) more from the last class, each class's draw without replacement from a
+  seeded permutation of that class's pool. As released, the classes are the stored (teacher-
+  adjusted) labels, a class holding fewer than its share gives all it has (the set is then smaller
+  than M^g), and a pool of at most M^g fakes is used whole;
 * ``uniform_subsample``: regression draws M^g fakes uniformly without replacement;
 * ``pixel_stats``: the input normalisation recomputed on real + fake images (per stored channel,
   on the 0..1 scale, population std over every pixel), used for the test set too.
@@ -24,21 +26,17 @@ _SUBSAMPLE_STREAM = 11
 
 def balanced_subsample(labels: torch.Tensor, total: int, num_classes: int, seed: int = 0) -> torch.Tensor:
     """Sorted indices into ``labels``: ``total // num_classes`` per class, the remainder on the last
-    class; a one-line error when a class's pool holds too few."""
+    class, at most what a class holds; every index when ``total >= len(labels)``."""
     if total < 0:
         raise ValueError(f"the number of fakes M^g must be >= 0, got {total}")
+    if total >= len(labels):
+        return torch.arange(len(labels))
     per_class = total // num_classes
     want = [per_class] * num_classes
     want[-1] += total - per_class * num_classes
     generator = torch.Generator().manual_seed(derive_seed(seed, _SUBSAMPLE_STREAM))
     order = torch.randperm(len(labels), generator=generator)
-    picked = []
-    for c, n in enumerate(want):
-        pool = order[labels[order] == c]
-        if len(pool) < n:
-            raise ValueError(f"class {c} has {len(pool)} processed fakes but M^g = {total} needs {n} of it: raise the "
-                             "pool size per class (cgankd.pool_per_class) or lower cgankd.num_fake")
-        picked.append(pool[:n])
+    picked = [order[labels[order] == c][:n] for c, n in enumerate(want)]
     return torch.sort(torch.cat(picked)).values
 
 

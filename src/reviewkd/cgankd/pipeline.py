@@ -12,8 +12,9 @@ Stages, each in its own folder under the run folder ``<output_dir>/<name>/``:
 6. ``sample/pool.npz``: density-ratio rejection sampling, per class (per conditioning label for
    regression);
 7. ``filter/kept.npz``: the fakes the teacher finds plausible for their label (rho-quantile cut-off);
-8. ``relabel/fakes.npz``: their labels replaced by the teacher's (``adjust``), in the data's unit;
-9. ``mixed/generated.npz``: M^g of them, class-balanced (uniform for regression), and the input
+8. ``relabel/fakes.npz``: their labels replaced by the teacher's (``adjust``: taken from the filter's
+   own teacher pass), in the data's unit;
+9. ``mixed/generated.npz``: M^g of them, balanced over those labels (uniform for regression), and the input
    normalisation recomputed on real + fake (``mixed/normalisation.json``);
 10. ``student/``: the student on real + fake with the run's ``method`` (CE, or any registered
     method: "cGAN-KD + X"), fine-tuned from ``nokd/best.pt`` or from scratch.
@@ -332,10 +333,13 @@ class Pipeline:
         flt = self._filter()
         burn, _ = self._per_label()
         keep_mask = torch.zeros(len(pool), dtype=torch.bool)
-        extra_images, extra_labels, topped_up = [], [], 0
+        # the teacher's adjusted label of every pool image, from the pass that scored it
+        teacher = torch.zeros(len(pool), dtype=torch.int64 if self.classification else torch.float64)
+        extra_images, extra_labels, extra_teacher, topped_up = [], [], [], 0
         if self.scope == "global":
             flt.fit(pool.images, pool.labels)
-            keep_mask = flt.keep(pool.images, pool.labels)
+            keep_mask, adjusted = flt.judge(pool.images, pool.labels)
+            teacher[:] = adjusted.to(teacher.dtype)
             cutoffs = {"global": flt.cutoff}
         else:
             sampler = None
@@ -343,25 +347,30 @@ class Pipeline:
                 members = torch.nonzero(pool.labels == label).flatten()
                 burn_idx, candidates = members[:burn], members[burn:]
                 flt.fit(pool.images[burn_idx], pool.labels[burn_idx])
-                kept = candidates[flt.keep(pool.images[candidates], pool.labels[candidates])][:self.c.pool_per_class]
+                mask, adjusted = flt.judge(pool.images[candidates], pool.labels[candidates])
+                teacher[candidates] = adjusted.to(teacher.dtype)
+                kept = candidates[mask][:self.c.pool_per_class]
                 keep_mask[kept] = True
                 short, round_ = self.c.pool_per_class - len(kept), 1
                 while short > 0:  # top up: sample and filter more
                     sampler = sampler or self._sampler()
                     more, _ = sampler.sample(label, max(short, self.c.sample_batch), seed=_seed(self.cfg.seed, i, round_))
                     more_labels = torch.full((len(more),), label, dtype=torch.int64)
-                    more = more[flt.keep(more, more_labels)][:short]
+                    mask, adjusted = flt.judge(more, more_labels)
+                    more, adjusted = more[mask][:short], adjusted[mask][:short]
                     extra_images.append(more)
                     extra_labels.append(more_labels[:len(more)])
+                    extra_teacher.append(adjusted.to(teacher.dtype))
                     short, round_, topped_up = short - len(more), round_ + 1, topped_up + len(more)
             cutoffs = {str(k): v for k, v in flt.cutoffs.items()}
         candidates = int(len(pool) - burn * len(torch.unique(pool.labels)))
         kept_images = torch.cat([pool.images[keep_mask], *extra_images])
         kept_labels = torch.cat([pool.labels[keep_mask], *extra_labels])
+        kept_teacher = torch.cat([teacher[keep_mask], *extra_teacher])
         record = {"pool": len(pool), "candidates": candidates, "kept": int(len(kept_labels)),
                   "fraction_kept": int(keep_mask.sum()) / max(candidates, 1), "topped_up": topped_up}
         save_generated(stage.output, kept_images, kept_labels,
-                       {**pool.provenance, "stage": "filter", **record, "cutoffs": cutoffs})
+                       {**pool.provenance, "stage": "filter", **record, "cutoffs": cutoffs}, teacher_labels=kept_teacher)
         burn_mask = torch.zeros(len(pool), dtype=torch.bool)
         if burn:
             for label in torch.unique(pool.labels).tolist():
@@ -377,7 +386,9 @@ class Pipeline:
         changed = 0
         shift = 0.0  # regression: mean |new - conditioning label| in the data's unit
         if self.c.adjust and len(kept):
-            new = adjust_labels(self._teacher(), kept.images, "ce" if self.classification else "abs_error")
+            new = kept.teacher_labels  # from the filter's pass; a store written without them: a fresh pass
+            if new is None:
+                new = adjust_labels(self._teacher(), kept.images, "ce" if self.classification else "abs_error")
             new = torch.as_tensor(new).to(labels.dtype).cpu()
             if self.classification:
                 changed = int((new != labels).sum())
@@ -398,16 +409,19 @@ class Pipeline:
 
     def _stage_mixed(self, stage: StagePlan) -> dict:
         fakes = load_generated(self.run_dir / "relabel" / "fakes.npz")
-        # balanced over the labels the fakes were generated for (the filter's output, same order): the
-        # teacher's relabelling may leave a class with few fakes, the conditioning labels never do
-        conditioning = load_generated(self.run_dir / "filter" / "kept.npz").labels
         real_images, _ = self._real_training_set()
         num_classes = int(self.cfg_num_classes()) if self.classification else None
-        keep = mixed.subsample(conditioning, self.c.num_fake, num_classes, self.cfg.seed)
+        # balanced over the stored (teacher-adjusted) labels, as released: a class the teacher rarely
+        # predicts gives what it has, and the record says which classes fell short
+        keep = mixed.subsample(fakes.labels, self.c.num_fake, num_classes, self.cfg.seed)
         images = match_channels(fakes.images[keep], real_images)
         mean, std = mixed.pixel_stats(real_images, images)
         record = {"fakes": int(len(keep)), "real": int(len(real_images)), "mean": list(mean), "std": list(std),
                   "normalisation_used": self.recompute}
+        if num_classes is not None:
+            counts = torch.bincount(fakes.labels[keep].long(), minlength=num_classes).tolist()
+            share = self.c.num_fake // num_classes
+            record["short_classes"] = {str(c): n for c, n in enumerate(counts) if n < share}
         (stage.output.parent).mkdir(parents=True, exist_ok=True)
         stats_tmp = stage.output.parent / "normalisation.json.tmp"
         stats_tmp.write_text(json.dumps({"mean": list(mean), "std": list(std)}))
