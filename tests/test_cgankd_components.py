@@ -496,3 +496,23 @@ def test_released_recipe_constants():
     cfg = load_config("cgankd/cifar100_final", ["output_dir=/tmp/reviewkd_audit_unused"])
     ext = Pipeline(cfg, say=lambda line: None).stage_config("dre_extractor")
     assert (ext.solver.momentum, ext.solver.nesterov, ext.solver.weight_decay, ext.solver.lr) == (0.9, False, 1e-4, 0.1)
+    cfg = load_config("cgankd/cifar100_v1", ["output_dir=/tmp/reviewkd_audit_unused"])
+    assert Pipeline(cfg, say=lambda line: None).stage_config("dre_extractor").model.name == "dre_extractor_densenet121"
+
+
+def test_v1_densenet121_extractor_feature_is_linear_bn_relu_of_the_pooled_trunk():
+    from reviewkd.models.registry import create_model
+
+    net = create_model("dre_extractor_densenet121", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feature = net.extract(x)
+    assert feature.shape == (2, 3072) and (feature >= 0).all()
+    # by hand: the trunk's final BN-ReLU map (4 x 4), averaged, then Linear -> BN (eval) -> ReLU
+    t = net.trunk
+    h = t.trans3(t.dense3(t.trans2(t.dense2(t.trans1(t.dense1(t.conv1(x)))))))
+    pooled = torch.relu(t.bn(t.dense4(h))).mean(dim=(2, 3))
+    assert pooled.shape == (2, 1024)
+    lin, bn = net.to_feature[0], net.to_feature[1]
+    z = (pooled @ lin.weight.t() + lin.bias - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    assert torch.allclose(feature, torch.relu(z), atol=1e-5)
+    assert torch.allclose(net(x), feature @ net.head.weight.t() + net.head.bias, atol=1e-5)

@@ -4,7 +4,8 @@
   has C*H*W units (3072 at 3 x 32 x 32, as the reference's ResNet34_extract): trunk -> pooled ->
   Linear -> feature; head BN-ReLU-Dropout(0.5)-1024-BN-ReLU-Dropout-256-BN-ReLU-Dropout-classes.
   Trained as an ordinary classification run (zoo names ``dre_extractor_resnet34`` and the small
-  ``dre_extractor_small`` on a resnet8 trunk); ``.extract(x)`` returns the feature.
+  ``dre_extractor_small`` on a resnet8 trunk); ``.extract(x)`` returns the feature. v1 used
+  ``dre_extractor_densenet121``: a DenseNet-121 trunk whose feature is Linear-BN-ReLU, then one Linear.
 * The sparse autoencoder with a regression branch (regression): its bottleneck (C*H*W units) is
   the feature; loss = reconstruction MSE + 1e-3 x mean |h| + 1 x MSE of the predicted label.
 * The conditional ratio model MLP5: [label embedding, feature] -> 2048-1024-512-256-128 (each
@@ -72,6 +73,39 @@ def dre_extractor_small(num_classes: int = 10, **kw) -> nn.Module:
     """The zoo's resnet8 trunk (16-64 planes) -> 3072-d feature: minutes on a CPU."""
     trunk = create_model("resnet8", num_classes=1)
     return ExtractorClassifier(trunk, num_classes, **kw)
+
+
+class DenseNetExtractor(nn.Module):
+    """v1's DenseNet121_extract: the DenseNet-BC trunk -> BN-ReLU -> 4x4 average pool -> Linear to
+    ``feature_dim`` -> BatchNorm1d -> ReLU (the feature, post-activation) -> Linear -> classes."""
+
+    def __init__(self, num_classes: int, feature_dim: int = 3 * 32 * 32):
+        super().__init__()
+        from ..models.cifar.densenet import densenet121
+
+        self.trunk = densenet121(num_classes=1)
+        width = self.trunk.linear.in_features
+        del self.trunk.linear
+        self.feature_dim = feature_dim
+        self.to_feature = nn.Sequential(nn.Linear(width, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU())
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.trunk
+        x = t.conv1(x)
+        for i in range(1, t.num_blocks):
+            x = getattr(t, f"trans{i}")(getattr(t, f"dense{i}")(x))
+        x = t.relu(t.bn(getattr(t, f"dense{t.num_blocks}")(x)))
+        return self.to_feature(torch.flatten(t.avgpool(x), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.extract(x))
+
+
+@register_model("dre_extractor_densenet121")
+def dre_extractor_densenet121(num_classes: int = 100, **kw) -> nn.Module:
+    """DenseNet-121 (growth 32, 32x32 input: 4x4 before the pool) -> 3072-d post-ReLU feature (v1)."""
+    return DenseNetExtractor(num_classes, **kw)
 
 
 class SparseAutoencoder(nn.Module):
