@@ -358,3 +358,29 @@ def test_tensor_loader_on_cuda_matches_cpu_order_and_eval_output():
         assert torch.equal(ic, ig.cpu()) and torch.equal(yc, yg.cpu())  # the order does not depend on the device
     evaluation = augment.evaluation()
     torch.testing.assert_close(evaluation(images.cuda()).cpu(), evaluation(images))
+
+
+def test_label_uniform_draws_a_distinct_label_uniformly_then_one_of_its_images():
+    # 0.3 appears 90 times, 0.7 ten times: a label-uniform epoch sees each about half the time
+    labels = torch.cat([torch.full((90,), 0.3), torch.full((10,), 0.7)])[torch.randperm(100)]
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
+    loader = TensorLoader(images, labels, 10, shuffle=True, drop_last=True, seed=4, device="cpu",
+                          augment=BatchAugment(train=False), label_uniform=True)
+    draws = []
+    for epoch in range(40):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            assert torch.equal(batch.targets, labels[batch.index])  # each image carries its own label
+            draws.append(batch.index)
+    drawn = torch.cat(draws)
+    assert len(drawn) == 40 * 100
+    share = (labels[drawn] == 0.7).double().mean().item()
+    assert abs(share - 0.5) < 0.04  # the label frequency is 0.1; uniform over distinct labels gives 0.5
+    rare = torch.nonzero(labels == 0.7).flatten()
+    assert set(drawn[labels[drawn] == 0.7].tolist()) == set(rare.tolist())  # every member can be drawn
+    loader.set_epoch(3)
+    again = torch.cat([b.index for b in loader])
+    assert torch.equal(again, torch.cat(draws[30:40]))  # seeded by (seed, epoch): resumable
+    with pytest.raises(ValueError, match="shuffle"):
+        TensorLoader(images, labels, 10, shuffle=False, drop_last=True, seed=0, device="cpu",
+                     augment=BatchAugment(train=False), label_uniform=True)

@@ -38,6 +38,10 @@ class TensorLoader:
     (or, with ``drop_last``, cut) to a multiple of ``world_size``, so that all ranks run the same
     number of batches; without it (evaluation) every sample is seen exactly once across ranks and
     shards may differ by one sample.
+
+    ``label_uniform`` (training of a regression density-ratio model, as released): an epoch's
+    ``len(images)`` draws first pick a label uniformly among the distinct labels, then one image
+    carrying it, both with replacement; rare labels are then seen as often as common ones.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
         even_shards: bool = True,
+        label_uniform: bool = False,
     ):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
@@ -73,6 +78,9 @@ class TensorLoader:
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.augment = augment
         self.rank, self.world_size, self.even_shards = rank, world_size, even_shards
+        if label_uniform and not shuffle:
+            raise ValueError("label_uniform draws a random order: it needs shuffle=True")
+        self.label_uniform = label_uniform
         self.epoch = 0
 
     @property
@@ -96,7 +104,10 @@ class TensorLoader:
     def shard_indices(self) -> torch.Tensor:
         """This rank's dataset indices for the current epoch, in iteration order (CPU, int64)."""
         n = self.num_samples
-        if self.shuffle:
+        if self.label_uniform:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, _ORDER_STREAM))
+            order = self._label_uniform_draw(generator)
+        elif self.shuffle:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, _ORDER_STREAM))
             order = torch.randperm(n, generator=generator)
         else:
@@ -107,6 +118,16 @@ class TensorLoader:
                 order = order.repeat(math.ceil(total / n))
             order = order[:total]
         return order[self.rank::self.world_size]
+
+    def _label_uniform_draw(self, generator: torch.Generator) -> torch.Tensor:
+        labels = self.labels.cpu()
+        _, group, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        members = torch.argsort(group, stable=True)  # images grouped by label, in index order
+        starts = torch.cumsum(counts, 0) - counts
+        n = self.num_samples
+        label = torch.randint(len(counts), (n,), generator=generator)
+        offset = (torch.rand(n, generator=generator, dtype=torch.float64) * counts[label]).long()
+        return members[starts[label] + torch.minimum(offset, counts[label] - 1)]
 
     def __iter__(self) -> Iterator[Batch]:
         indices = self.shard_indices().to(self.device)

@@ -6,7 +6,8 @@ Data: the training set's uint8 images at their stored size (Fashion-MNIST 1 x 28
 3 x 32 x 32, regression images at ``data.image_size``) scaled to [-1, 1]; ``data.subset`` and
 ``data.labelled_fraction`` select as for classification. Regression labels are mapped to [0, 1] by
 the min and max of the training targets (``meta["label_range"]``). An epoch is one pass over the
-real training images (one D step, or one DRE step, per batch).
+real training images (one D step, or one DRE step, per batch); a regression DRE epoch draws as many
+real images, each by a distinct label picked uniformly and then an image carrying it (as released).
 
 Evaluation (cheap): cgan: the RMSE between per-label mean images of generated and real test images
 (labels binned in tenths when continuous), on ``cgan.eval_samples`` images from a fixed seed; it
@@ -89,12 +90,13 @@ class _GenerativeTask(ClassificationTask):
         if cfg.data.val_split:
             raise ConfigError(f"data.val_split is not used by task {cfg.task}: remove it")
 
-    def _loaders(self, cfg, device, flip: bool, rank: int, world_size: int):
+    def _loaders(self, cfg, device, flip: bool, rank: int, world_size: int, label_uniform: bool = False):
         images, labels, label_range = real_training_data(cfg, "train")
         test_images, test_labels, _ = real_training_data(cfg, "test")
         common = dict(seed=cfg.seed, device=device, rank=rank, world_size=world_size)
         train = TensorLoader(images, labels, cfg.data.batch_size, shuffle=True, drop_last=True,
-                             augment=BatchAugment(flip=flip, train=flip, **_TO_UNIT), **common)
+                             augment=BatchAugment(flip=flip, train=flip, **_TO_UNIT), label_uniform=label_uniform,
+                             **common)
         test = TensorLoader(test_images, test_labels, cfg.data.eval_batch_size, shuffle=False, drop_last=False,
                             augment=BatchAugment(train=False, **_TO_UNIT), even_shards=False, **common)
         if len(train) == 0:
@@ -219,7 +221,9 @@ class DreTask(_GenerativeTask):
     def build_data(self, cfg, device, rank: int = 0, world_size: int = 1) -> TaskData:
         from ..cgankd.gan import load_generator
 
-        data = self._loaders(cfg, device, flip=cfg.dre.flip, rank=rank, world_size=world_size)
+        # regression (released train_cdre): each real draw picks a distinct label uniformly, then an image of it
+        data = self._loaders(cfg, device, flip=cfg.dre.flip, rank=rank, world_size=world_size,
+                             label_uniform=self.num_classes(cfg) is None)
         data.meta["ratio_config"] = self._ratio_config(cfg)
         data.generator = load_generator(cfg.dre.generator, device)
         data.eval_samples = cfg.dre.eval_samples
