@@ -373,3 +373,21 @@ def test_integer_labels_truncate_the_teachers_relabelled_targets(tmp_path):
     pipeline._stage_relabel(StagePlan("relabel", "process", out))
     expected = [math.trunc(p * top) for p in predictions.double().tolist()]  # by hand: degrees, truncated
     assert load_generated(out).labels.tolist() == expected
+
+
+@needs_fashion
+def test_distinct_regression_labels_are_the_training_targets_on_the_unit_scale(tmp_path):
+    from reviewkd.cgankd.pipeline import Pipeline
+
+    root = make_rotated_fashion_mnist(tmp_path / "rot", n_train=24, n_test=8, seed=5)
+    cfg = load_config("cgankd/rotated_fashion_mnist", [f"data.root={root}", "regression.normalise=max",
+                                                       "cgankd.regression_labels=distinct", f"output_dir={tmp_path}"])
+    _, targets = Pipeline(cfg, progress=False)._real_training_set()
+    top = float(targets.max())
+    labels = Pipeline(cfg, progress=False)._conditioning_labels(None)
+    # by hand: every distinct training angle once, ascending, divided by the largest (normalise: max)
+    assert labels == pytest.approx(sorted(set(t / top for t in targets.tolist())), abs=1e-12)
+    assert len(labels) == len(set(targets.tolist())) and labels[-1] == pytest.approx(1.0)
+    for bad in ("1", "many"):
+        with pytest.raises(ConfigError, match="regression_labels"):
+            load_config("cgankd/rotated_fashion_mnist", [f"cgankd.regression_labels={bad}"])

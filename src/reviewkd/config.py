@@ -223,7 +223,9 @@ class CgankdConfig(_Section):
     filter_on_augmented: Optional[bool] = None  # the teacher scores randomly cropped + flipped fakes (None: final)
     student_init: Optional[Literal["nokd", "scratch"]] = None
     pool_per_class: int = Field(5000, gt=0)  # processed fakes per class (regression: per conditioning label)
-    regression_labels: int = Field(100, gt=1)  # regression: conditioning labels, evenly spaced over [0, 1]
+    # regression: conditioning labels, that many evenly spaced over [0, 1], or "distinct": the distinct
+    # training targets (the released UTKFace run's default, samp_num_fake_labels = -1)
+    regression_labels: int | Literal["distinct"] = 100
     num_fake: int = Field(100000, ge=0)  # M^g, the fakes the student sees
     sampler_burn_in: int = Field(5000, gt=0)  # rejection sampling: draws per label that set M
     sample_batch: int = Field(600, gt=0)
@@ -235,6 +237,13 @@ class CgankdConfig(_Section):
     dre_extractor: dict[str, Any] = Field(default_factory=dict)
     dre: dict[str, Any] = Field(default_factory=dict)
     quick: list[str] = Field(default_factory=list)  # overrides applied by `reviewkd train --quick`
+
+    @field_validator("regression_labels")
+    @classmethod
+    def _at_least_two(cls, v):
+        if isinstance(v, int) and v < 2:
+            raise ValueError('must be at least 2 evenly spaced labels, or "distinct"')
+        return v
 
 
 class CganConfig(_Section):

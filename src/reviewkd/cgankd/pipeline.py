@@ -273,6 +273,9 @@ class Pipeline:
     def _conditioning_labels(self, num_classes: Optional[int]) -> list:
         if num_classes is not None:
             return list(range(num_classes))
+        if self.c.regression_labels == "distinct":  # the training targets' distinct values, on [0, 1]
+            _, targets = self._real_training_set()
+            return self._label_map().to_unit(torch.unique(targets.double())).tolist()
         return torch.linspace(0, 1, self.c.regression_labels, dtype=torch.float64).tolist()
 
     def _sampler(self):
