@@ -391,3 +391,27 @@ def test_distinct_regression_labels_are_the_training_targets_on_the_unit_scale(t
     for bad in ("1", "many"):
         with pytest.raises(ConfigError, match="regression_labels"):
             load_config("cgankd/rotated_fashion_mnist", [f"cgankd.regression_labels={bad}"])
+
+
+def test_real_images_reach_the_gan_and_the_autoencoder_as_released(tmp_path):
+    from reviewkd.data.regression import make_synthetic_regression
+    from reviewkd.tasks import get_task
+
+    root = make_synthetic_regression(tmp_path / "ages", n=40, image_size=16, seed=3)
+    base = ["data.name=regression", f"data.root={root}", "data.image_size=16", "regression.test_fraction=0.25",
+            "data.batch_size=8"]
+    train = lambda task, *more: get_task(task).build_data(load_config(None, [f"task={task}", *base, *more]),  # noqa: E731
+                                                          torch.device("cpu")).train
+    plain = train("cgan")
+    assert not plain.augment.train and not plain.label_uniform  # default: D sees the images as stored
+    flipped = train("cgan", "cgan.real_augment=flip").augment
+    assert flipped.train and flipped.flip and flipped.crop_padding == 0  # the released CcGAN
+    cropped = train("cgan", "cgan.real_augment=crop_flip")
+    assert cropped.augment.flip and cropped.augment.crop_padding == 4  # BigGAN's --augment on CIFAR
+    # the zero padding is black: a white image cropped off-centre shows -1 at its border
+    white = torch.full((64, 3, 16, 16), 255, dtype=torch.uint8)
+    x = cropped.augment(white, generator=torch.Generator().manual_seed(0))
+    assert x.min().item() == -1.0 and x.max().item() == 1.0
+    ae = train("dre_autoencoder")
+    assert ae.label_uniform and ae.augment.flip and ae.augment.train  # train_sparseAE: flip + label-uniform draws
+    assert not train("dre_autoencoder", "dre.flip=false").augment.flip

@@ -264,6 +264,9 @@ class CganConfig(_Section):
     kappa_arg: float = Field(2.0, gt=0)  # CcGAN: kappa = kappa_arg x the largest gap between distinct labels
     weight_threshold: float = Field(1e-3, gt=0, lt=1)  # CcGAN: real / fake labels kept where the weight exceeds it
     eval_samples: int = Field(500, gt=0)  # generated images scored at each evaluation
+    # real images as D sees them: as stored, flipped (the released CcGAN), or cropped from a 4-pixel zero
+    # padding and flipped (BigGAN's --augment on CIFAR); keep "none" where a flip changes the label (angles)
+    real_augment: Literal["none", "flip", "crop_flip"] = "none"
 
 
 class DreConfig(_Section):

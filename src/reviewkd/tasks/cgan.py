@@ -90,12 +90,14 @@ class _GenerativeTask(ClassificationTask):
         if cfg.data.val_split:
             raise ConfigError(f"data.val_split is not used by task {cfg.task}: remove it")
 
-    def _loaders(self, cfg, device, flip: bool, rank: int, world_size: int, label_uniform: bool = False):
+    def _loaders(self, cfg, device, flip: bool, rank: int, world_size: int, label_uniform: bool = False,
+                 crop_padding: int = 0):
         images, labels, label_range = real_training_data(cfg, "train")
         test_images, test_labels, _ = real_training_data(cfg, "test")
         common = dict(seed=cfg.seed, device=device, rank=rank, world_size=world_size)
         train = TensorLoader(images, labels, cfg.data.batch_size, shuffle=True, drop_last=True,
-                             augment=BatchAugment(flip=flip, train=flip, **_TO_UNIT), label_uniform=label_uniform,
+                             augment=BatchAugment(flip=flip, crop_padding=crop_padding, train=flip or crop_padding > 0,
+                                                  **_TO_UNIT), label_uniform=label_uniform,
                              **common)
         test = TensorLoader(test_images, test_labels, cfg.data.eval_batch_size, shuffle=False, drop_last=False,
                             augment=BatchAugment(train=False, **_TO_UNIT), even_shards=False, **common)
@@ -147,7 +149,9 @@ class CganTask(_GenerativeTask):
         return GanRecipe(student, D, c, images, labels)
 
     def build_data(self, cfg, device, rank: int = 0, world_size: int = 1) -> TaskData:
-        data = self._loaders(cfg, device, flip=False, rank=rank, world_size=world_size)
+        real = cfg.cgan.real_augment
+        data = self._loaders(cfg, device, flip=real != "none", rank=rank, world_size=world_size,
+                             crop_padding=4 if real == "crop_flip" else 0)
         data.meta["generator_config"] = self.build_model("", cfg, 0).config()
         return data
 
@@ -259,7 +263,7 @@ class AutoencoderTask(_GenerativeTask):
     """``task: dre_autoencoder``: the regression DRE feature extractor, the sparse autoencoder with a
     regression branch (``cgankd.dre.SparseAutoencoder``) on the real images in [-1, 1] and their
     labels in [0, 1]; the solver's optimiser and schedule (the reference: SGD lr 0.01, x0.1 every 50
-    of 200 epochs). Evaluation: reconstruction MSE and the label MAE on [0, 1] of the test images;
+    of 200 epochs); real images flipped unless ``dre.flip: false``, drawn label-uniformly as for the DRE. Evaluation: reconstruction MSE and the label MAE on [0, 1] of the test images;
     the MAE picks best.pt."""
 
     name = "dre_autoencoder"
@@ -285,7 +289,9 @@ class AutoencoderTask(_GenerativeTask):
         return AutoencoderRecipe(student, d.sparsity if d else 1e-3, d.regression_weight if d else 1.0)
 
     def build_data(self, cfg, device, rank: int = 0, world_size: int = 1) -> TaskData:
-        data = self._loaders(cfg, device, flip=False, rank=rank, world_size=world_size)
+        # as released (train_sparseAE): real images flipped at random, each drawn by a distinct label picked uniformly
+        data = self._loaders(cfg, device, flip=cfg.dre.flip if cfg.dre is not None else True, rank=rank,
+                             world_size=world_size, label_uniform=True)
         data.meta["autoencoder_config"] = {"image_shape": list(self.probe_size(cfg)),
                                            "width": cfg.dre.autoencoder_width if cfg.dre is not None else 32}
         return data
