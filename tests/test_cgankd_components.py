@@ -516,3 +516,17 @@ def test_v1_densenet121_extractor_feature_is_linear_bn_relu_of_the_pooled_trunk(
     z = (pooled @ lin.weight.t() + lin.bias - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
     assert torch.allclose(feature, torch.relu(z), atol=1e-5)
     assert torch.allclose(net(x), feature @ net.head.weight.t() + net.head.bias, atol=1e-5)
+
+
+def test_generator_batchnorm_eps_is_recorded_and_old_checkpoints_keep_theirs(tmp_path):
+    from reviewkd.cgankd.gan import BN_EPS
+
+    G = Generator((1, 8, 8), 3, "small", 4, 8)
+    assert BN_EPS == 1e-5 and G.config()["bn_eps"] == 1e-5  # BigGAN-PyTorch's BN_eps
+    assert {m.eps for m in G.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-5}
+    config = {k: v for k, v in G.config().items() if k != "bn_eps"}  # written before eps was recorded
+    torch.save({"generator_config": config, "student": G.state_dict()}, tmp_path / "old.pt")
+    old = load_generator(tmp_path / "old.pt")
+    assert {m.eps for m in old.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-4}
+    torch.save({"generator_config": G.config(), "student": G.state_dict()}, tmp_path / "new.pt")
+    assert {m.eps for m in load_generator(tmp_path / "new.pt").modules() if isinstance(m, nn.BatchNorm2d)} == {1e-5}

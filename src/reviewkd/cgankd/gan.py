@@ -101,9 +101,9 @@ class ConditionalBatchNorm(nn.Module):
     """BatchNorm without its own affine; gain 1 + g(y) and bias b(y) per channel, where g and b
     read the label through this layer's own embedding (BigGAN without a shared embedding)."""
 
-    def __init__(self, channels: int, num_classes: Optional[int], embed_dim: int = 128):
+    def __init__(self, channels: int, num_classes: Optional[int], embed_dim: int = 128, eps: float = BN_EPS):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=False, eps=BN_EPS, momentum=0.1)
+        self.bn = nn.BatchNorm2d(channels, affine=False, eps=eps, momentum=0.1)
         dim = channels if num_classes is not None else embed_dim
         self.gain_embed = LabelEmbedding(num_classes, dim)
         self.bias_embed = LabelEmbedding(num_classes, dim)
@@ -123,11 +123,11 @@ class ConditionalBatchNorm(nn.Module):
 class GeneratorBlock(nn.Module):
     """cBN-ReLU-up-conv3-cBN-ReLU-conv3, plus up-conv1 on the shortcut."""
 
-    def __init__(self, cin: int, cout: int, num_classes: Optional[int]):
+    def __init__(self, cin: int, cout: int, num_classes: Optional[int], bn_eps: float = BN_EPS):
         super().__init__()
-        self.bn1 = ConditionalBatchNorm(cin, num_classes)
+        self.bn1 = ConditionalBatchNorm(cin, num_classes, eps=bn_eps)
         self.conv1 = sn_conv(cin, cout)
-        self.bn2 = ConditionalBatchNorm(cout, num_classes)
+        self.bn2 = ConditionalBatchNorm(cout, num_classes, eps=bn_eps)
         self.conv2 = sn_conv(cout, cout)
         self.shortcut = sn_conv(cin, cout, 1)
 
@@ -180,10 +180,10 @@ class Generator(nn.Module):
     """z (N x z_dim) and labels (class indices, or floats in [0, 1]) -> images in [-1, 1]."""
 
     def __init__(self, image_shape: Sequence[int], num_classes: Optional[int], arch: str = "small",
-                 width: Optional[int] = None, z_dim: Optional[int] = None):
+                 width: Optional[int] = None, z_dim: Optional[int] = None, bn_eps: float = BN_EPS):
         super().__init__()
         spec = _arch(arch)
-        self.arch, self.width = arch, width or spec["width"]
+        self.arch, self.width, self.bn_eps = arch, width or spec["width"], bn_eps
         self.z_dim, self.num_classes = z_dim or spec["z_dim"], num_classes
         self.image_shape = tuple(int(s) for s in image_shape)
         channels, size = self.image_shape[0], self.image_shape[1]
@@ -194,8 +194,8 @@ class Generator(nn.Module):
         self.bottom = size // 2 ** ups
         widths = [m * self.width for m in spec["g"]]
         self.linear = sn_linear(self.z_dim, widths[0] * self.bottom ** 2)
-        self.blocks = nn.ModuleList(GeneratorBlock(a, b, num_classes) for a, b in zip(widths[:-1], widths[1:]))
-        self.out_bn = nn.BatchNorm2d(widths[-1], eps=BN_EPS)
+        self.blocks = nn.ModuleList(GeneratorBlock(a, b, num_classes, bn_eps) for a, b in zip(widths[:-1], widths[1:]))
+        self.out_bn = nn.BatchNorm2d(widths[-1], eps=bn_eps)
         self.out_conv = sn_conv(widths[-1], channels)
         init_n02(self)
 
@@ -208,7 +208,7 @@ class Generator(nn.Module):
     def config(self) -> dict:
         """What rebuilding this generator needs (saved beside its weights)."""
         return {"image_shape": list(self.image_shape), "num_classes": self.num_classes, "arch": self.arch,
-                "width": self.width, "z_dim": self.z_dim}
+                "width": self.width, "z_dim": self.z_dim, "bn_eps": self.bn_eps}
 
 
 class Discriminator(nn.Module):
@@ -362,7 +362,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     if "generator_config" not in state:
         raise ValueError(f"{path} is not a GAN checkpoint (no generator_config): give the best.pt / last.pt of a "
                          "task: cgan run")
-    generator = Generator(**state["generator_config"])
+    # generators saved before bn_eps was recorded were trained with 1e-4
+    generator = Generator(**{"bn_eps": 1e-4, **state["generator_config"]})
     generator.load_state_dict(state["student"])  # a run's "student" is its EMA generator
     return generator.to(device).eval()
 
