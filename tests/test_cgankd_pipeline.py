@@ -72,6 +72,16 @@ def test_balanced_subsampling_gives_exactly_mg_over_c_per_class_remainder_on_the
     assert mixed.balanced_subsample(labels, 10 * 51, 10).tolist() == list(range(500))
     keep = mixed.uniform_subsample(100, 30, seed=0)
     assert len(keep) == 30 == len(set(keep.tolist())) and keep.max() < 100
+    assert mixed.uniform_subsample(20, 30).tolist() == list(range(20))
+
+
+def test_a_regression_recipe_asking_for_more_fakes_than_the_filter_keeps_is_refused_up_front(tmp_path):
+    from reviewkd.cgankd.pipeline import Pipeline
+
+    cfg = load_config("cgankd/rotated_fashion_mnist", [f"output_dir={tmp_path}", "cgankd.num_fake=5000"])
+    with pytest.raises(ConfigError, match=r"num_fake = 5000 but the filter keeps about 3780.*pool_per_class"):
+        Pipeline(cfg, progress=False)
+    assert not (tmp_path / cfg.name).exists()  # before any stage
 
 
 def test_normalisation_is_recomputed_on_real_and_fake_together():

@@ -5,7 +5,8 @@
   seeded permutation of that class's pool. As released, the classes are the stored (teacher-
   adjusted) labels, a class holding fewer than its share gives all it has (the set is then smaller
   than M^g), and a pool of at most M^g fakes is used whole;
-* ``uniform_subsample``: regression draws M^g fakes uniformly without replacement;
+* ``uniform_subsample``: regression draws M^g fakes uniformly without replacement (all of a pool
+  holding at most M^g; the pipeline refuses such a recipe before its first stage);
 * ``pixel_stats``: the input normalisation recomputed on real + fake images (per stored channel,
   on the 0..1 scale, population std over every pixel), used for the test set too.
 
@@ -41,10 +42,12 @@ def balanced_subsample(labels: torch.Tensor, total: int, num_classes: int, seed:
 
 
 def uniform_subsample(count: int, total: int, seed: int = 0) -> torch.Tensor:
-    """Sorted indices of ``total`` of ``count`` items, uniformly without replacement."""
-    if not 0 <= total <= count:
-        raise ValueError(f"M^g = {total} fakes asked for but the pool holds {count}: raise cgankd.pool_size or "
-                         "lower cgankd.num_fake")
+    """Sorted indices of ``total`` of ``count`` items, uniformly without replacement; every index
+    when ``total >= count`` (as the balanced draw, and the released scripts)."""
+    if total < 0:
+        raise ValueError(f"the number of fakes M^g must be >= 0, got {total}")
+    if total >= count:
+        return torch.arange(count)
     generator = torch.Generator().manual_seed(derive_seed(seed, _SUBSAMPLE_STREAM))
     return torch.sort(torch.randperm(count, generator=generator)[:total]).values
 

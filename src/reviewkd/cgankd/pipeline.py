@@ -99,6 +99,13 @@ class Pipeline:
                               "filters with one global cut-off")
         if cfg.data.generated is not None:
             raise ConfigError(f"{cfg.name}: data.generated is set by the pipeline itself: remove it")
+        c = self.c
+        if not self.classification and isinstance(c.regression_labels, int):
+            kept = math.floor(c.rho * c.regression_labels * c.pool_per_class)  # the global filter keeps ~rho
+            if c.num_fake > kept:
+                raise ConfigError(f"{cfg.name}: cgankd.num_fake = {c.num_fake} but the filter keeps about {kept} "
+                                  f"(rho {c.rho} x {c.regression_labels} labels x pool_per_class {c.pool_per_class}): "
+                                  "raise cgankd.pool_per_class or lower cgankd.num_fake")
         for stage in ("gan", "dre"):
             if not getattr(self.c, stage):
                 raise ConfigError(f"{cfg.name}: cgankd.{stage} is empty: give the {stage} stage's settings "
