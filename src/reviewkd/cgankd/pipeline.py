@@ -101,7 +101,7 @@ class Pipeline:
             raise ConfigError(f"{cfg.name}: data.generated is set by the pipeline itself: remove it")
         c = self.c
         if not self.classification and isinstance(c.regression_labels, int):
-            kept = math.floor(c.rho * c.regression_labels * c.pool_per_class)  # the global filter keeps ~rho
+            kept = math.floor(c.rho * c.regression_labels * c.pool_per_class + 1e-9)  # the global filter keeps ~rho
             if c.num_fake > kept:
                 raise ConfigError(f"{cfg.name}: cgankd.num_fake = {c.num_fake} but the filter keeps about {kept} "
                                   f"(rho {c.rho} x {c.regression_labels} labels x pool_per_class {c.pool_per_class}): "
