@@ -39,7 +39,7 @@ class TensorLoader:
     number of batches; without it (evaluation) every sample is seen exactly once across ranks and
     shards may differ by one sample.
 
-    ``label_uniform`` (training of a regression density-ratio model, as released): an epoch's
+    ``label_uniform`` (the regression density-ratio model and its autoencoder, as released): an epoch's
     ``len(images)`` draws first pick a label uniformly among the distinct labels, then one image
     carrying it, both with replacement; rare labels are then seen as often as common ones.
     """
@@ -104,12 +104,9 @@ class TensorLoader:
     def shard_indices(self) -> torch.Tensor:
         """This rank's dataset indices for the current epoch, in iteration order (CPU, int64)."""
         n = self.num_samples
-        if self.label_uniform:
+        if self.shuffle:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, _ORDER_STREAM))
-            order = self._label_uniform_draw(generator)
-        elif self.shuffle:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, _ORDER_STREAM))
-            order = torch.randperm(n, generator=generator)
+            order = self._label_uniform_draw(generator) if self.label_uniform else torch.randperm(n, generator=generator)
         else:
             order = torch.arange(n)
         if self.even_shards:
