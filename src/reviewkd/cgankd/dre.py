@@ -91,12 +91,7 @@ class DenseNetExtractor(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def extract(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.trunk
-        x = t.conv1(x)
-        for i in range(1, t.num_blocks):
-            x = getattr(t, f"trans{i}")(getattr(t, f"dense{i}")(x))
-        x = t.relu(t.bn(getattr(t, f"dense{t.num_blocks}")(x)))
-        return self.to_feature(torch.flatten(t.avgpool(x), 1))
+        return self.to_feature(self.trunk.pooled(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.extract(x))

@@ -263,8 +263,9 @@ class AutoencoderTask(_GenerativeTask):
     """``task: dre_autoencoder``: the regression DRE feature extractor, the sparse autoencoder with a
     regression branch (``cgankd.dre.SparseAutoencoder``) on the real images in [-1, 1] and their
     labels in [0, 1]; the solver's optimiser and schedule (the reference: SGD lr 0.01, x0.1 every 50
-    of 200 epochs); real images flipped unless ``dre.flip: false``, drawn label-uniformly as for the DRE. Evaluation: reconstruction MSE and the label MAE on [0, 1] of the test images;
-    the MAE picks best.pt."""
+    of 200 epochs); real images flipped unless ``dre.flip: false``, drawn label-uniformly as for the
+    DRE. Evaluation: reconstruction MSE and the label MAE on [0, 1] of the test images; the MAE picks
+    best.pt."""
 
     name = "dre_autoencoder"
     score_key, score_label, higher_is_better = "test_label_mae", "label MAE", False

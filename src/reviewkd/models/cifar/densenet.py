@@ -164,12 +164,16 @@ class DenseNetBC(nn.Module):
             pooled=Tap("avgpool"),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The globally pooled final BN-ReLU map (N x width), the input of the classifier."""
         x = self.conv1(x)
         for i in range(1, self.num_blocks):
             x = getattr(self, f"trans{i}")(getattr(self, f"dense{i}")(x))
         x = self.relu(self.bn(getattr(self, f"dense{self.num_blocks}")(x)))
-        return self.linear(torch.flatten(self.avgpool(x), 1))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.pooled(x))
 
 
 @register_model("densenet121")
