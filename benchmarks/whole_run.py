@@ -130,7 +130,9 @@ def main() -> None:
     args = p.parse_args()
     common = [f"output_dir={args.runs}", f"data.subset={args.subset}", *args.overrides]
     teacher = load_config(CONFIGS / "teacher_resnet20.yaml",
-                          common + [f"model.name={TEACHER}", f"name=fmnist_{TEACHER}_teacher",
+                          common + [f"model.name={TEACHER}",
+                                    # the size in the name: a teacher of another size is never reused
+                                    f"name=fmnist_{TEACHER}_teacher_{args.subset}x{args.teacher_epochs}",
                                     f"solver.epochs={args.teacher_epochs}"])
     if not (teacher.run_dir / "best.pt").is_file():
         Run(teacher, resume=(teacher.run_dir / "last.pt").is_file()).fit()
@@ -139,7 +141,8 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for method in args.methods:
-            overrides = common + [f"solver.epochs={args.epochs}", f"seed={seed}", f"name=whole_{method}_seed{seed}"]
+            overrides = common + [f"solver.epochs={args.epochs}", f"seed={seed}",
+                                  f"name=whole_{method}_{args.subset}x{args.epochs}_seed{seed}"]
             if method != "vanilla":
                 overrides += [f"teacher.name={TEACHER}", f"teacher.checkpoint={teacher_path}", "teacher.config=null"]
             cfg = load_config(CONFIGS / "resnet20_resnet8" / f"{method}.yaml", overrides)

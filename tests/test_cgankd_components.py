@@ -126,6 +126,20 @@ def test_rejection_sampler_running_max_grows_before_judging_a_batch():
     assert stats["acceptance_rate"] == pytest.approx((999 * 0.2 + 1) / 1000, abs=0.02)
 
 
+
+def test_rejection_sampler_reports_progress_while_a_label_is_slow():
+    # ratio 1 on one image in 100 and 0 elsewhere: about 1 % accepted; a report after every batch
+    ratio = lambda images, labels: (images.view(-1) > 0.98).float()  # noqa: E731
+    lines = []
+    sampler = RejectionSampler(_UniformGenerator(), ratio, burn_in=1000, batch_size=100)
+    images, stats = sampler.sample(2, 5, seed=0, report=lines.append, report_seconds=0.0)
+    assert len(images) == 5 and len(lines) == stats["drawn"] // 100
+    last = lines[-1]
+    assert last.startswith("label 2: 5/5 accepted of ") and f"of {stats['drawn']} drawn" in last
+    quiet = []
+    sampler.sample(2, 5, seed=0, report=quiet.append, report_seconds=3600.0)
+    assert quiet == []
+
 # -------------------------------------------------------------------------------- filtering
 def _quantile(values: list[float], q: float) -> float:
     """numpy's default (linear) quantile, by hand."""

@@ -248,10 +248,23 @@ def test_the_scarce_label_pipeline_runs_end_to_end_and_skips_finished_stages(tmp
     assert student["config"]["data"]["mean"] == stats["mean"]
     assert student["config"]["model"]["weights"] == str(run / "nokd" / "best.pt")  # final: fine-tuned from NOKD
     assert (run / "samples_per_class.png").is_file() and (run / "summary.md").is_file()
+    per_label = [line for line in lines if line.startswith("[cgankd] sample: label ")]
+    assert len(per_label) == 10 and per_label[-1].startswith("[cgankd] sample: label 10/10 (9): ")
     # a second run finds every output and trains nothing
     lines.clear()
     Pipeline(cfg, quick=True, progress=False, say=lines.append).run()
     assert sum("skipped" in line for line in lines) == 9  # every stage but the teacher (its plan loads it)
+
+
+def test_pipeline_progress_lines_are_printed_and_kept_in_the_run_log(tmp_path, capsys):
+    from reviewkd.cgankd.pipeline import Pipeline
+
+    cfg = load_config("cgankd/fashion_mnist_scarce", [f"output_dir={tmp_path}"])
+    pipeline = Pipeline(cfg)
+    pipeline.say("[cgankd] sample: label 3/10 (2): 600 accepted")
+    assert "label 3/10 (2): 600 accepted" in capsys.readouterr().out
+    log = (tmp_path / "cgankd_fashion_mnist_scarce" / "pipeline.log").read_text()
+    assert log.endswith(" [cgankd] sample: label 3/10 (2): 600 accepted\n")
 
 
 @needs_fashion

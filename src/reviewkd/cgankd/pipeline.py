@@ -58,7 +58,7 @@ class StagePlan:
 class Pipeline:
     """A cGAN-KD run of ``cfg`` (which has a ``cgankd`` section). ``quick`` applies the recipe's
     ``cgankd.quick`` overrides (tiny settings for smoke tests) and runs in ``<name>_quick``; ``say``
-    prints progress lines."""
+    takes the progress lines (default: printed and appended to ``<run_dir>/pipeline.log``)."""
 
     def __init__(self, cfg: Config, quick: bool = False, progress: bool = True,
                  say: Optional[Callable[[str], None]] = None):
@@ -76,7 +76,7 @@ class Pipeline:
         self.c = cfg.cgankd
         self.classification = cfg.task == "classification"
         self.run_dir = cfg.run_dir
-        self.say = say or print
+        self.say = say or self._print_and_log
         self.version = self.c.version
         self.scope = self.c.filter_scope or ("per_class" if self.classification and self.version == "final" else "global")
         self.init = self.c.student_init or ("nokd" if self.version == "final" else "scratch")
@@ -203,6 +203,12 @@ class Pipeline:
         cfg._overrides = self.cfg._overrides
         return plan_teacher(cfg)
 
+    def _print_and_log(self, line: str) -> None:
+        print(line, flush=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "pipeline.log", "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
     def run(self) -> dict:
         """Every stage in order (skipping finished ones); the summary dict."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -309,7 +315,10 @@ class Pipeline:
         burn, candidates = self._per_label()
         images, label_list, stats = [], [], []
         for i, label in enumerate(labels):
-            got, info = sampler.sample(label, burn + candidates, seed=_seed(self.cfg.seed, i, 0))
+            got, info = sampler.sample(label, burn + candidates, seed=_seed(self.cfg.seed, i, 0),
+                                       report=lambda line: self.say(f"[cgankd] sample: {line}"))
+            self.say(f"[cgankd] sample: label {i + 1}/{len(labels)} ({label:.4g}): {len(got)} accepted of "
+                     f"{info['drawn']} drawn (rate {info['acceptance_rate']:.4f})")
             images.append(got)
             label_list.append(torch.full((len(got),), label, dtype=torch.int64 if self.classification else torch.float64))
             stats.append({k: float(v) for k, v in info.items()})

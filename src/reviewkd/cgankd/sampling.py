@@ -3,10 +3,12 @@
 Per label: a burn-in of ``burn_in`` generated images sets M = their largest ratio; then batches of
 ``batch_size`` are generated, M <- max(M, the batch's largest ratio) (before the batch is judged,
 as the reference does), and each image is accepted when u <= r / M with u ~ U(0, 1). M only grows,
-so the acceptance probability of later images can fall.
+so the acceptance probability of later images can fall. A weak density-ratio model can make one label
+take very long: ``report`` gets a line every ``report_seconds`` while a label is being sampled.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 import torch
@@ -44,11 +46,13 @@ class RejectionSampler:
         return getattr(self.generator, "num_classes", 0) is None or isinstance(label, float) or (
             torch.is_tensor(label) and label.is_floating_point())
 
-    def sample(self, label, n: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    def sample(self, label, n: int, seed: int = 0, report: Optional[Callable[[str], None]] = None,
+               report_seconds: float = 60.0) -> tuple[torch.Tensor, dict]:
         """``n`` accepted images of ``label`` as uint8 N x C x H x W, and statistics: ``drawn``
         (after the burn-in), ``accepted`` (before keeping the first n), ``acceptance_rate``,
         ``M_burn_in`` and the final ``M``."""
         rng = torch.Generator().manual_seed(seed)
+        last_report = time.monotonic()
         _, burn = self._draw(label, self.burn_in, rng)
         m = m_burn_in = burn.max().item()
         kept, got, drawn, accepted = [], 0, 0, 0
@@ -62,6 +66,10 @@ class RejectionSampler:
             if accept.any():
                 kept.append(images[accept])
                 got += int(accept.sum())
+            if report is not None and time.monotonic() - last_report >= report_seconds:
+                last_report = time.monotonic()
+                report(f"label {label}: {min(got, n)}/{n} accepted of {drawn} drawn "
+                       f"(rate {accepted / drawn:.4f}, M {m:.4g})")
             if drawn > 1000 * max(n, self.batch_size) and got == 0:
                 raise RuntimeError(f"rejection sampling accepted nothing for label {label} in {drawn} draws (M={m}): "
                                    "the density-ratio model gives ~0 everywhere; retrain it")
