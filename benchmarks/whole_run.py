@@ -85,8 +85,8 @@ def plain_run(cfg, teacher_path: Path, data) -> dict:
         start = time.perf_counter()
         distiller.train()
         running = 0.0
-        for i, (x, y) in enumerate(train):
-            _, losses = distiller(x, y, epoch=epoch + i / len(train))
+        for x, y in train:
+            _, losses = distiller(x, y, epoch=float(epoch))  # whole epochs, as the engine and the released script
             loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
