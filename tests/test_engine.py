@@ -243,3 +243,17 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
 
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_the_machine_line_names_the_cpu_its_vector_level_and_the_precision_auto_picks(monkeypatch):
+    from reviewkd.engine import runtime
+
+    monkeypatch.setattr(runtime, "cpu_name", lambda: "Example CPU 9000")
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    line = runtime.describe_machine("auto", "cpu")
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert line.startswith(f"CPU: Example CPU 9000 ({capability}), AVX-512 BF16 / AMX no, ")
+    assert line.endswith("GPU: none used; precision auto -> fp32")  # no bf16 units: fp32 is the faster path
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    assert runtime.describe_machine("auto", "cpu").endswith("precision auto -> bf16")
+    assert runtime.cpu_name()  # the real CPU's name is never empty

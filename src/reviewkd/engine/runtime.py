@@ -71,11 +71,27 @@ def resolve_precision(request: str, device: torch.device) -> str:
     return request
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform reports."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def describe_machine(precision_request: str = "auto", device_request: str = "auto") -> str:
-    """One line for benchmark outputs: the CPU's capabilities, the device and the precision used."""
+    """One line for benchmark outputs: the CPU (name, the vector instructions PyTorch uses, bf16
+    support), the device and the precision used."""
     device = resolve_device(device_request)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none used"
-    return (f"CPU: AVX-512 BF16 / AMX {'yes' if cpu_supports_bf16() else 'no'}, {torch.get_num_threads()} threads; "
+    return (f"CPU: {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), AVX-512 BF16 / AMX "
+            f"{'yes' if cpu_supports_bf16() else 'no'}, {torch.get_num_threads()} threads; "
             f"GPU: {gpu}; precision {precision_request} -> {resolve_precision(precision_request, device)}")
 
 
