@@ -5,11 +5,12 @@ resnet56 teacher) and seed, the same student, teacher checkpoint, optimiser, sch
 iteration), batch and epochs are run twice:
 
 * ``engine``: ``Run(cfg).fit()``: batched augmentation on tensors, frozen teacher with BatchNorm
-  folded, channels_last, ``precision: auto``, no per-step host sync; evaluation after every epoch;
+  folded, channels_last, ``precision: auto``, freed memory kept for reuse, no per-step host sync;
+  evaluation after every epoch;
 * ``plain``: what a released script does: a DataLoader (2 workers) applying torchvision's per-sample
   transforms (Pad, RandomCrop(32, padding=4), RandomHorizontalFlip, ToDtype, Normalize), eager fp32
   channels-first, the teacher as trained under ``no_grad``, ``loss.item()`` every step for the meters,
-  evaluation after every epoch.
+  glibc's allocator as it is by default, evaluation after every epoch.
 
 Both use the package's loss modules (the same Distiller), so the comparison is of the path, not of
 the method. Also measured: the batched augmentation's throughput over the student's training
@@ -34,6 +35,7 @@ from reviewkd.config import load_config
 from reviewkd.data import build_datasets
 from reviewkd.data.augment import DATASET_STATS
 from reviewkd.engine.loop import Run
+from reviewkd.engine.runtime import reuse_freed_memory
 from reviewkd.models.summary import format_table
 from reviewkd.tasks import get_task
 from common import machine_line, mean_std, seeded_parser  # noqa: E402
@@ -66,6 +68,7 @@ def plain_run(cfg, teacher_path: Path, data) -> dict:
     """The plain implementation of the run ``cfg`` describes, on the same (subset) images as the engine's
     ``data``; returns accuracy and seconds."""
     torch.manual_seed(cfg.seed)
+    reuse_freed_memory(False)  # glibc as a plain script has it (the engine's Run sets its own again)
     task = get_task("classification")
     train = DataLoader(PlainFashionMNIST(data.train.images, data.train.labels, True), batch_size=cfg.data.batch_size,
                        shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)

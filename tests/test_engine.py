@@ -13,6 +13,7 @@ from reviewkd.config import Config, ConfigError, load_config
 from reviewkd import Distiller
 from reviewkd.engine.checkpoint import load_checkpoint
 from reviewkd.engine.loop import Run, TrainingError
+from reviewkd.engine.runtime import _glibc as runtime_glibc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,3 +258,45 @@ def test_the_machine_line_names_the_cpu_its_vector_level_and_the_precision_auto_
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
     assert runtime.describe_machine("auto", "cpu").endswith("precision auto -> bf16")
     assert runtime.cpu_name()  # the real CPU's name is never empty
+
+
+_PAGE_FAULTS = """
+import resource, sys, torch
+from reviewkd.engine.runtime import reuse_freed_memory
+print(reuse_freed_memory(sys.argv[1] == "reuse"))
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = 64 * 2**20 // 4  # a 64 MB tensor: over glibc's 32 MB mmap ceiling
+x = torch.ones(block); del x
+before = faults()
+for _ in range(10):
+    x = torch.ones(block); del x
+print((faults() - before) / 10 / (64 * 2**20 // resource.getpagesize()))
+"""
+
+
+@pytest.mark.skipif(runtime_glibc() is None, reason="glibc's allocator only")
+def test_reused_memory_spares_large_tensors_their_page_faults():
+    """Counted page faults, not time: each fresh 64 MB tensor faults in every page under glibc's own
+    settings, and (after the first) almost none once freed memory is kept."""
+    import subprocess
+    import sys
+
+    def faults_per_page(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
+        applied, ratio = out.stdout.split()
+        assert applied == "True"
+        return float(ratio)
+
+    assert faults_per_page("system") > 0.9
+    assert faults_per_page("reuse") < 0.25
+
+
+def test_cpu_runs_keep_freed_memory_unless_told_not_to(tmp_path, monkeypatch):
+    from reviewkd.engine import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "reuse_freed_memory", lambda: calls.append(True))
+    Run(tiny(tmp_path, "keeps"))
+    assert calls == [True]
+    Run(tiny(tmp_path, "system", "runtime.reuse_freed_memory=false"))
+    assert calls == [True]

@@ -150,6 +150,8 @@ class RuntimeConfig(_Section):
     channels_last: bool = True
     compile: bool = False
     fold_teacher_bn: bool = True  # run the frozen teacher with BatchNorm folded into its convolutions
+    # CPU runs on glibc: keep freed memory for the next step's tensors (no page faults per large tensor)
+    reuse_freed_memory: bool = True
     deterministic: bool = False
     sync_bn: bool = False
     eval_every: int = Field(1, gt=0)

@@ -37,7 +37,7 @@ from ..recipes.base import Group, Recipe, Stage
 from ..tasks import get_task
 from .checkpoint import FORMAT, atomic_save, load_checkpoint, remove_stale_temporaries, rng_state, set_rng_state
 from .metrics import MetricsLog
-from .runtime import autocast, init_distributed, resolve_precision, seed_everything
+from .runtime import autocast, init_distributed, resolve_precision, reuse_freed_memory, seed_everything
 
 # Keys of a history row that measure wall time (differ between otherwise identical runs).
 TIMING_KEYS = ("seconds", "eval_seconds")
@@ -228,6 +228,8 @@ class Run:
         self.task = get_task(cfg.task)
         self.task.check_config(cfg)
         self.dist, self.device = init_distributed(cfg.runtime.device)
+        if self.device.type == "cpu" and cfg.runtime.reuse_freed_memory:
+            reuse_freed_memory()
         self.precision = resolve_precision(cfg.runtime.precision, self.device)
         self.run_dir = cfg.run_dir
         self._start_note: Optional[str] = None

@@ -102,6 +102,46 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # where glibc's dynamic threshold stops rising (64-bit)
+
+
+def _glibc():
+    """The C library when it is glibc (Linux), else None."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def reuse_freed_memory(enable: bool = True) -> bool:
+    """CPU training: keep freed memory in the process for the next step's tensors.
+
+    glibc's malloc serves every block over 32 MB (a batch of 128 feature maps of 64 x 32 x 32 in
+    fp32 is 33.5 MB; ImageNet-sized maps far more) with a fresh ``mmap`` and returns it on free, so
+    each such tensor pays a page fault per 4 KB page on first touch, every step: elementwise ops on
+    those tensors ran 3-6x slower than on reused memory on a 2-core EPYC. Enabled: no ``mmap`` for
+    blocks, and the heap is trimmed only when 2 GB lie free at its top (the process keeps up to its
+    peak). ``enable=False`` restores glibc's steady state (blocks up to 32 MB reused, larger ones
+    mapped). Process-wide; a no-op returning False where the C library is not glibc.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    if enable:
+        settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
+    else:
+        settings = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: _GLIBC_MMAP_THRESHOLD_MAX,
+                    _M_TRIM_THRESHOLD: 2 * _GLIBC_MMAP_THRESHOLD_MAX}
+    return all(libc.mallopt(key, value) == 1 for key, value in settings.items())
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
