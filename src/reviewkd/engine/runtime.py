@@ -126,7 +126,7 @@ def reuse_freed_memory(enable: bool = True) -> bool:
     glibc's malloc serves every block over 32 MB (a batch of 128 feature maps of 64 x 32 x 32 in
     fp32 is 33.5 MB; ImageNet-sized maps far more) with a fresh ``mmap`` and returns it on free, so
     each such tensor pays a page fault per 4 KB page on first touch, every step: elementwise ops on
-    those tensors ran 3-6x slower than on reused memory on a 2-core EPYC. Enabled: no ``mmap`` for
+    those tensors ran 2.5-6x slower than on reused memory on a 2-core EPYC. Enabled: no ``mmap`` for
     blocks, and the heap is trimmed only when 2 GB lie free at its top (the process keeps up to its
     peak). ``enable=False`` restores glibc's steady state (blocks up to 32 MB reused, larger ones
     mapped). Process-wide; a no-op returning False where the C library is not glibc.
