@@ -14,21 +14,34 @@ run's Fashion-MNIST pair) and each method, one training step (forward, backward,
   default path's time: how much faster the default path is.
 
 Rounds are interleaved (default step, floor, plain step, ...) and the median of ``--rounds`` is kept,
-so a busy machine affects every column alike. Tests never assert timings; this script prints them.
+so a busy machine affects every column alike; in each round every path first runs ``--settle``
+untimed steps (default 1), so that its timed step finds the memory a run's consecutive steps would
+(on the CPU the paths run with different allocator settings). Tests never assert timings; this
+script prints them.
+
+``--compile`` adds the default step under ``torch.compile`` (the engine's ``runtime.compile``): its
+ms, the ratio to the eager default step, and the seconds the compilation took.
+
+``--breakdown`` also times every operator of the default step and of its floor (a dispatch mode
+around ``--rounds`` more steps of each) and prints, per kind of operator, ms and GFLOP/s in the floor
+and in the step, and what the extra operators run at: where the time over the arithmetic goes.
+Convolution backward passes are timed as two calls (input gradient, then weight and bias gradient).
 
 Usage: python benchmarks/step_overhead.py [--pairs resnet56:resnet20 ...] [--methods reviewkd kd dkd crd ...]
-       [--batch 64] [--rounds 7] [--csv FILE]
+       [--batch 64] [--rounds 7] [--settle 1] [--csv FILE] [--breakdown] [--compile]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import reviewkd as rk
 from reviewkd.engine.runtime import autocast, describe_machine, resolve_precision, reuse_freed_memory
@@ -58,6 +71,7 @@ class Step:
         else:
             self.distiller = rk.Distiller(student, teacher, method, fold_teacher_bn=fast, context=self._context(classes),
                                           **NO_WARMUP.get(method, {}))
+            self.run = self.distiller
             params = list(self.distiller.trainable_parameters())
             modules = [self.distiller]
         for m in modules:
@@ -81,6 +95,14 @@ class Step:
         """A CIFAR-sized training set: what memory-bank methods (CRD) size their banks from."""
         return {"num_samples": CIFAR_TRAIN, "train_targets": torch.arange(CIFAR_TRAIN) % classes}
 
+    def compile(self) -> float:
+        """Run the distiller under ``torch.compile`` from now on; returns the seconds the first
+        (compiling) step took."""
+        self.run = torch.compile(self.distiller)
+        start = time.perf_counter()
+        self()
+        return time.perf_counter() - start
+
     def __call__(self):
         with autocast(self.device, self.precision):
             if self.distiller is None:
@@ -88,7 +110,7 @@ class Step:
                     self.teacher(self.x)
                 loss = F.cross_entropy(self.student(self.x), self.y)
             else:
-                _, losses = self.distiller(self.x, self.y, epoch=10.0, indices=self.index)
+                _, losses = self.run(self.x, self.y, epoch=10.0, indices=self.index)
                 loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,9 +122,14 @@ class Step:
         return counter.get_total_flops()
 
 
-def timed(step: Step) -> float:
+def timed(step: Step, settle: int = 0) -> float:
+    """ms of one step, after ``settle`` untimed ones: the allocator's switch between paths (and the
+    plain path's trimming of the heap) otherwise leaves the next path's first step paying page faults
+    for memory a run of consecutive steps would reuse."""
     # the engine keeps freed memory on CPU runs; a plain script runs with glibc's own steady state
     reuse_freed_memory(step.fast)
+    for _ in range(settle):
+        step()
     if step.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -112,7 +139,89 @@ def timed(step: Step) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
-def measure(pair: str, method: str, batch: int, rounds: int, device) -> dict:
+def op_kind(name: str) -> str:
+    """The kind of an aten operator (its name without overload), for the breakdown's rows."""
+    if "conv" in name:
+        return "conv backward" if "backward" in name else "conv forward"
+    if "batch_norm" in name:
+        return "batch norm"
+    if "pool" in name or "upsample" in name:
+        return "pool / resize"
+    if name in ("mm", "addmm", "bmm", "linear", "matmul"):
+        return "matmul"
+    if name in ("copy_", "clone", "cat", "_to_copy", "contiguous"):
+        return "copy"
+    if name.startswith("_foreach"):
+        return "optimiser"
+    return "elementwise / reduction"
+
+
+class OpTimer(TorchDispatchMode):
+    """Sums seconds and FLOPs (``torch.utils.flop_counter``'s formulas) per kind of operator. A
+    convolution backward is run as two timed calls, the input gradient and then the weights' (and bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds, self.flops = defaultdict(float), defaultdict(float)
+
+    def _timed(self, kind, func, args, kwargs):
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        if any(torch.is_tensor(a) and a.is_cuda for a in args):
+            torch.cuda.synchronize()
+        self.seconds[kind] += time.perf_counter() - start
+        if func is torch.ops.aten.conv2d.default:  # composite: counted with convolution's formula (shapes only)
+            self.flops[kind] += flop_registry[torch.ops.aten.convolution](args[0], args[1], None, None, None, None,
+                                                                          False, out_val=out)
+        elif func._overloadpacket in flop_registry:
+            self.flops[kind] += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._overloadpacket.__name__
+        if func is torch.ops.aten.convolution_backward.default:
+            *head, mask = args
+            grad_input = self._timed("conv backward (input)", func, (*head, [mask[0], False, False]), kwargs)[0]
+            rest = self._timed("conv backward (weight)", func, (*head, [False, mask[1], mask[2]]), kwargs)
+            return grad_input, rest[1], rest[2]
+        return self._timed(op_kind(name), func, args, kwargs)
+
+
+def breakdown(steps: dict, rounds: int) -> list[dict]:
+    """Per kind of operator: ms and GFLOP/s of the floor and of the step, and of the step's extra."""
+    for k in ("floor", "step"):  # the first steps under a dispatch mode pay one-off costs
+        with OpTimer():
+            steps[k]()
+    timers = {k: OpTimer() for k in ("floor", "step")}
+    wall = defaultdict(float)
+    for _ in range(rounds):
+        for k, timer in timers.items():
+            with timer:
+                wall[k] += timed(steps[k]) / 1000
+    kinds = sorted(set(timers["floor"].seconds) | set(timers["step"].seconds),
+                   key=lambda kind: -timers["step"].seconds[kind])
+    rows = []
+
+    def rate(gflop, seconds):
+        return gflop / seconds if gflop and seconds > 0 else None
+
+    for kind in [*kinds, "outside operators", "total"]:
+        ms, gflop = {}, {}
+        for k, timer in timers.items():
+            inside = sum(timer.seconds.values())
+            seconds = {"outside operators": wall[k] - inside, "total": wall[k]}.get(kind, timer.seconds.get(kind, 0.0))
+            ms[k] = 1000 * seconds / rounds
+            gflop[k] = (sum(timer.flops.values()) if kind == "total" else timer.flops.get(kind, 0.0)) / rounds / 1e9
+        rows.append({"operators": kind, "floor ms": ms["floor"], "step ms": ms["step"],
+                     "extra ms": ms["step"] - ms["floor"], "floor GFLOP/s": rate(gflop["floor"], ms["floor"] / 1000),
+                     "step GFLOP/s": rate(gflop["step"], ms["step"] / 1000),
+                     "extra GFLOP/s": rate(gflop["step"] - gflop["floor"], (ms["step"] - ms["floor"]) / 1000)})
+    return rows
+
+
+def measure(pair: str, method: str, batch: int, rounds: int, device, settle: int = 1, with_breakdown: bool = False,
+            with_compile: bool = False) -> dict:
     names, _, classes = pair.partition("@")
     teacher, student = names.split(":")
     classes = int(classes or 100)
@@ -121,18 +230,32 @@ def measure(pair: str, method: str, batch: int, rounds: int, device) -> dict:
              "floor": Step(teacher, student, classes, None, batch, device, fast=True),
              "plain": Step(teacher, student, classes, method, batch, device, fast=False)}
     flops = {k: steps[k].flops() for k in ("step", "floor")}  # also the first warm-up step
+    compile_s = None
+    if with_compile:
+        steps["compiled"] = Step(teacher, student, classes, method, batch, device, fast=True)
+        reuse_freed_memory(True)
+        compile_s = steps["compiled"].compile()
     for s in steps.values():
         s()
     times = {k: [] for k in steps}
     for _ in range(rounds):
         for k, s in steps.items():
-            times[k].append(timed(s))
+            times[k].append(timed(s, settle))
     ms = {k: statistics.median(v) for k, v in times.items()}
     flop_ratio, time_ratio = flops["step"] / flops["floor"], ms["step"] / ms["floor"]
-    return {"pair": f"{teacher} -> {student}", "method": method, "batch": batch,
-            "GFLOP/img": flops["step"] / batch / 1e9, "flop ratio": flop_ratio, "ms/step": ms["step"],
-            "floor ms": ms["floor"], "time ratio": time_ratio, "time / flop": time_ratio / flop_ratio,
-            "plain ms": ms["plain"], "vs plain": ms["plain"] / ms["step"]}
+    row = {"pair": f"{teacher} -> {student}", "method": method, "batch": batch,
+           "GFLOP/img": flops["step"] / batch / 1e9, "flop ratio": flop_ratio, "ms/step": ms["step"],
+           "floor ms": ms["floor"], "time ratio": time_ratio, "time / flop": time_ratio / flop_ratio,
+           "plain ms": ms["plain"], "vs plain": ms["plain"] / ms["step"]}
+    if with_compile:
+        row.update({"compiled ms": ms["compiled"], "compiled / eager": ms["compiled"] / ms["step"],
+                    "compile s": compile_s})
+    if with_breakdown:
+        rows = breakdown(steps, rounds)
+        print(f"\n{row['pair']}, {method}: every operator timed ({rounds} steps each; the dispatch mode adds "
+              "its own cost to 'outside operators')")
+        print(format_table(rows, formats={k: ".1f" for k in rows[0] if k != "operators"}))
+    return row
 
 
 def main():
@@ -143,6 +266,9 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.add_argument("--settle", type=int, default=1, help="untimed steps of each path before its timed step")
+    p.add_argument("--breakdown", action="store_true", help="also time every operator: ms and GFLOP/s per kind")
+    p.add_argument("--compile", action="store_true", help="also time the default step under torch.compile")
     args = p.parse_args()
     device = torch.device(args.device)
     print(describe_machine("auto", args.device))
@@ -151,7 +277,8 @@ def main():
     rows = []
     for pair in args.pairs:
         for method in args.methods:
-            rows.append(measure(pair, method, args.batch, args.rounds, device))
+            rows.append(measure(pair, method, args.batch, args.rounds, device, args.settle, args.breakdown,
+                                args.compile))
             print(format_table(rows[-1:], formats={k: ".2f" for k in rows[-1] if k not in ("pair", "method", "batch")}),
                   flush=True)
     print()
