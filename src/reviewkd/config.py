@@ -148,6 +148,7 @@ class RuntimeConfig(_Section):
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported
     channels_last: bool = True
+    # torch.compile the training step and the evaluated model; where compiling fails, eager, with a warning
     compile: bool = False
     fold_teacher_bn: bool = True  # run the frozen teacher with BatchNorm folded into its convolutions
     # CPU runs on glibc: keep freed memory for the next step's tensors (no page faults per large tensor)

@@ -37,7 +37,8 @@ from ..recipes.base import Group, Recipe, Stage
 from ..tasks import get_task
 from .checkpoint import FORMAT, atomic_save, load_checkpoint, remove_stale_temporaries, rng_state, set_rng_state
 from .metrics import MetricsLog
-from .runtime import autocast, init_distributed, resolve_precision, reuse_freed_memory, seed_everything
+from .runtime import (CompiledOrEager, autocast, init_distributed, resolve_precision, reuse_freed_memory,
+                      seed_everything)
 
 # Keys of a history row that measure wall time (differ between otherwise identical runs).
 TIMING_KEYS = ("seconds", "eval_seconds")
@@ -346,8 +347,12 @@ class Run:
         for stage in self.stages:
             for group in self.recipe.groups(stage):
                 self.optimisers[group.name] = group_optimiser(group, cfg.solver, self.schedule.lr_factor)
-        self.step_fn = torch.compile(self.recipe) if cfg.runtime.compile else self.recipe
-        self.eval_model = torch.compile(self.recipe.deployable()) if cfg.runtime.compile else self.recipe.deployable()
+        self.step_fn, self.eval_model = self.recipe, self.recipe.deployable()
+        if cfg.runtime.compile:
+            self.step_fn, self.eval_model = (
+                CompiledOrEager(m, lambda reason, what=what: self._say(
+                    f"warning: torch.compile failed for the {what} ({reason}); it runs eagerly from here on"))
+                for m, what in ((self.step_fn, "training step"), (self.eval_model, "evaluated model")))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.stage_index, self.stage_iteration = 0, 0
         self.best_score: Optional[float] = None

@@ -154,3 +154,43 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+
+
+# What CompiledOrEager compiles with (tests swap in others: "eager" traces without generating code).
+COMPILE_BACKEND = "inductor"
+
+
+class CompiledOrEager(torch.nn.Module):
+    """``module`` under ``torch.compile``, falling back to running it eagerly when compiling fails.
+
+    A failure of the compiler (an operation or a model it cannot handle, a backend error, no working
+    C++ compiler for the CPU backend) makes this call and every later one run ``module`` as it is;
+    ``on_fallback(reason)`` is told once. An error the eager module raises too is the module's own
+    and propagates. Where a step breaks into several graphs, those before the failing one have
+    already run once for that step (BatchNorm statistics may then move twice in that one step).
+    """
+
+    def __init__(self, module: torch.nn.Module, on_fallback=None, backend=None):
+        super().__init__()
+        self.module = module
+        # not a registered submodule: its parameters are the module's own
+        object.__setattr__(self, "_compiled", torch.compile(module, backend=backend or COMPILE_BACKEND))
+        self.on_fallback = on_fallback or (lambda reason: None)
+        self.compiled = True
+
+    def forward(self, *args, **kwargs):
+        if self.compiled:
+            from torch._dynamo.exc import TorchDynamoException
+
+            try:
+                return self._compiled(*args, **kwargs)
+            except TorchDynamoException as exc:
+                self.compiled = False
+                self.on_fallback(_first_line(getattr(exc, "inner_exception", None) or exc))
+        return self.module(*args, **kwargs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    name = type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}"
