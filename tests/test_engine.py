@@ -3,6 +3,7 @@ files, overrides and ``base:`` inheritance."""
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from reviewkd.config import Config, ConfigError, load_config
 from reviewkd import Distiller
 from reviewkd.engine.checkpoint import load_checkpoint
 from reviewkd.engine.loop import Run, TrainingError
+from reviewkd.engine import runtime
 from reviewkd.engine.runtime import _glibc as runtime_glibc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +57,17 @@ def restore_determinism():
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_checkpoint, restore_determinism):
+@pytest.mark.parametrize("compiled_with", [None, "aot_eager", "inductor"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_checkpoint, restore_determinism, compiled_with,
+                                                 monkeypatch):
     common = ["method.name=reviewkd", "teacher.name=resnet8", f"teacher.checkpoint={teacher_checkpoint}",
               "method.options.warmup_epochs=1", "runtime.deterministic=true"]
+    if compiled_with == "inductor" and not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("inductor needs a C++ compiler (apt-get install g++)")
+    if compiled_with:  # runtime.compile: the resumed run compiles afresh, starting at epoch 1
+        monkeypatch.setattr(runtime, "COMPILE_BACKEND", compiled_with)
+        common.append("runtime.compile=true")
+    torch._dynamo.reset()
 
     full = Run(tiny(tmp_path, "full", *common), progress=False).fit()
     assert len(full.history) == 2
@@ -67,8 +77,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_checkpoint, r
     halfway = load_checkpoint(split_dir / "last.pt")
     assert halfway["epoch"] == 1 and len(csv_rows(split_dir)) == 1
 
+    torch._dynamo.reset()  # as a new process would find it
     Run(tiny(tmp_path, "split", *common), resume=True, progress=False).fit()
-    assert "resuming" in (split_dir / "train.log").read_text() and "at train epoch 1" in (split_dir / "train.log").read_text()
+    log = (split_dir / "train.log").read_text()
+    assert "resuming" in log and "at train epoch 1" in log
+    assert "torch.compile failed" not in log + (tmp_path / "full" / "train.log").read_text()
 
     a = load_checkpoint(tmp_path / "full" / "last.pt")
     b = load_checkpoint(split_dir / "last.pt")
@@ -247,8 +260,6 @@ def test_yaml_file_errors_name_the_file_and_key(tmp_path):
 
 
 def test_the_machine_line_names_the_cpu_its_vector_level_and_the_precision_auto_picks(monkeypatch):
-    from reviewkd.engine import runtime
-
     monkeypatch.setattr(runtime, "cpu_name", lambda: "Example CPU 9000")
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
     line = runtime.describe_machine("auto", "cpu")
