@@ -70,3 +70,41 @@ def test_a_run_whose_compilation_fails_trains_eagerly_to_the_same_numbers_and_sa
     log = (tmp_path / "compiled" / "train.log").read_text()
     assert "torch.compile failed for the training step (RuntimeError: no C++ compiler on this machine)" in log
     assert "torch.compile failed for the evaluated model" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_compiled_run_killed_mid_epoch_resumes_to_the_uninterrupted_compiled_run(tmp_path, teacher, monkeypatch,
+                                                                                  backend):
+    import shutil
+
+    import reviewkd.engine.loop as loop_module
+    from conftest import student_overrides, tiny as deterministic_tiny
+    from reviewkd.engine.checkpoint import load_checkpoint
+    from test_run_safety import Killed, assert_same_run
+
+    if backend == "inductor" and not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("inductor needs a C++ compiler (apt-get install g++)")
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", backend)
+    # 4 steps per epoch; a checkpoint after step 6, in the middle of epoch 2
+    common = [*student_overrides(teacher), "runtime.compile=true", "runtime.checkpoint_every=3"]
+    Run(deterministic_tiny(tmp_path, "whole", *common), progress=False).fit()
+    torch._dynamo.reset()
+    step_groups, steps = loop_module.step_groups, {"n": 0}
+
+    def killed_at_step_8(*args, **kwargs):  # outside the compiled step: the optimiser update
+        steps["n"] += 1
+        if steps["n"] == 8:
+            raise Killed
+        return step_groups(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop_module, "step_groups", killed_at_step_8)
+        with pytest.raises(Killed):
+            Run(deterministic_tiny(tmp_path, "killed", *common), progress=False).fit()
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["stage_iteration"] == 6
+    torch._dynamo.reset()  # as a new process would find it
+    Run(deterministic_tiny(tmp_path, "killed", *common), resume=True, progress=False).fit()
+    assert_same_run(tmp_path / "whole", tmp_path / "killed")
+    for name in ("whole", "killed"):
+        assert "torch.compile failed" not in (tmp_path / name / "train.log").read_text()
