@@ -76,15 +76,12 @@ def test_a_run_whose_compilation_fails_trains_eagerly_to_the_same_numbers_and_sa
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_a_compiled_run_killed_mid_epoch_resumes_to_the_uninterrupted_compiled_run(tmp_path, teacher, monkeypatch,
                                                                                   backend):
-    import shutil
-
     import reviewkd.engine.loop as loop_module
-    from conftest import student_overrides, tiny as deterministic_tiny
+    from conftest import skip_unless_backend_can_compile, student_overrides, tiny as deterministic_tiny
     from reviewkd.engine.checkpoint import load_checkpoint
     from test_run_safety import Killed, assert_same_run
 
-    if backend == "inductor" and not (shutil.which("g++") or shutil.which("c++")):
-        pytest.skip("inductor needs a C++ compiler (apt-get install g++)")
+    skip_unless_backend_can_compile(backend)
     monkeypatch.setattr(runtime, "COMPILE_BACKEND", backend)
     # 4 steps per epoch; a checkpoint after step 6, in the middle of epoch 2
     common = [*student_overrides(teacher), "runtime.compile=true", "runtime.checkpoint_every=3"]

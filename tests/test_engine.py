@@ -3,7 +3,6 @@ files, overrides and ``base:`` inheritance."""
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from reviewkd.engine.checkpoint import load_checkpoint
 from reviewkd.engine.loop import Run, TrainingError
 from reviewkd.engine import runtime
 from reviewkd.engine.runtime import _glibc as runtime_glibc
+from conftest import skip_unless_backend_can_compile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +62,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, teacher_checkpoint, r
                                                  monkeypatch):
     common = ["method.name=reviewkd", "teacher.name=resnet8", f"teacher.checkpoint={teacher_checkpoint}",
               "method.options.warmup_epochs=1", "runtime.deterministic=true"]
-    if compiled_with == "inductor" and not (shutil.which("g++") or shutil.which("c++")):
-        pytest.skip("inductor needs a C++ compiler (apt-get install g++)")
+    skip_unless_backend_can_compile(compiled_with)
     if compiled_with:  # runtime.compile: the resumed run compiles afresh, starting at epoch 1
         monkeypatch.setattr(runtime, "COMPILE_BACKEND", compiled_with)
         common.append("runtime.compile=true")
